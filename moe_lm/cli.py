@@ -1,0 +1,170 @@
+"""The `moe-lm` command line. Thin: parse, call the library, render with rich. No logic here.
+
+Errors a user can fix (`MoeLmError`) print as one line and exit 2; `--debug` shows the traceback.
+Anything else is a crash: one line plus a pointer to `--debug`, exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import MoeLmError
+
+app = typer.Typer(
+    name="moe-lm",
+    help="Train small Mixture-of-Experts language models (Shazeer et al. 2017) on a laptop or one GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+OVERRIDES_HELP = "Config overrides after the options, as dotted key=value (e.g. train.lr=1e-3 model.moe.top_k=1)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"moe-lm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """moe-lm: prepare a corpus, train an MoE Transformer, evaluate it, compare it with its dense twin.
+
+    Quick start (offline, built-in corpus = the Python standard library's source):
+
+      moe-lm prepare
+      moe-lm train --config configs/tiny-moe.yaml
+      moe-lm eval runs/tiny-moe
+      moe-lm compare-dense --config configs/tiny-moe.yaml --seeds 3
+    """
+    _state["debug"] = debug
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+@app.command()
+def prepare(
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="A Hugging Face dataset name, e.g. roneneldan/TinyStories."),
+    dataset_config: Optional[str] = typer.Option(None, "--dataset-config", help="The dataset's configuration (subset) name."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: train; the dataset's own validation split is used when it has one)."),
+    text_column: str = typer.Option("text", "--text-column", help="Column holding the text (HF datasets and jsonl/json/parquet files)."),
+    streaming: bool = typer.Option(False, "--streaming", help="Stream the HF dataset instead of downloading it whole."),
+    data_files: Optional[str] = typer.Option(None, "--data-files", help="Local files: a glob of txt, jsonl, json or parquet files."),
+    name: Optional[str] = typer.Option(None, "--name", help="Output name: writes data/<name>/ (default: the source's name)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (instead of data/<name>/)."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Size of the byte-level BPE vocabulary to train."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Reuse this tokenizer.json instead of training one."),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of documents held out for validation (by a hash of each document)."),
+    max_documents: Optional[int] = typer.Option(None, "--max-documents", help="Read at most this many documents."),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Read at most this many bytes of text."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Read a corpus, train a byte-level BPE tokenizer, write token shards to data/<name>/.
+
+    With no source option it prepares the built-in corpus (the Python standard library's source
+    of this interpreter; no network needed) into data/builtin/.
+    """
+    from .data.prepare import PrepareOptions, prepare_corpus, render_summary
+
+    opts = PrepareOptions(
+        dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
+        streaming=streaming, data_files=data_files, name=name, out=out, vocab_size=vocab_size,
+        tokenizer=tokenizer, val_fraction=val_fraction, max_documents=max_documents,
+        max_bytes=max_bytes, overwrite=overwrite,
+    )
+    summary = prepare_corpus(opts, console=console)
+    render_summary(summary, console=console)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="A YAML config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<name>/)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (this run's latest checkpoint, if any) or a checkpoint folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start again."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Train the model of a config, logging loss, perplexity and per-expert load."""
+    from .config import dump_yaml, load_config
+
+    cfg = load_config(config, overrides or [])
+    if print_config:
+        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
+        return
+    from .training.trainer import train as run_training
+
+    run_training(cfg, out_dir=out, resume=resume, overwrite=overwrite, console=console,
+                 command_line=sys.argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+@app.command()
+def info(
+    config: Path = typer.Option(..., "--config", "-c", help="A YAML config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size when the config's data folder is not prepared yet."),
+) -> None:
+    """Total vs active parameters, FLOPs per token, the dense twin, and a training-memory estimate."""
+    from .config import load_config
+    from .model.accounting import render_info
+
+    cfg = load_config(config, overrides or [])
+    render_info(cfg, vocab_size=vocab_size, console=console)
+
+
+def run() -> None:
+    """Console-script entry point: run the app, turning user errors into one line + exit 2."""
+    try:
+        app(standalone_mode=False)
+    except MoeLmError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            err_console.print("aborted")
+            sys.exit(130)
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc} (this is a bug; rerun with --debug for the traceback)",
+            highlight=False, soft_wrap=True,
+        )
+        sys.exit(1)
