@@ -114,8 +114,13 @@ def train(
         return
     from .training.trainer import train as run_training
 
-    run_training(cfg, out_dir=out, resume=resume, overwrite=overwrite, console=console,
-                 command_line=sys.argv)
+    try:
+        run_training(cfg, out_dir=out, resume=resume, overwrite=overwrite, console=console,
+                     command_line=sys.argv)
+    except KeyboardInterrupt:
+        # NOTE: the trainer saved a checkpoint and said how to resume. SystemExit, because typer
+        # turns a KeyboardInterrupt into a *returned* 130 that run() would drop (exit 0).
+        raise SystemExit(130) from None
 
 
 # ---------------------------------------------------------------------------------------------

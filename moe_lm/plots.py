@@ -1,0 +1,110 @@
+"""PNG figures of a run, drawn from its metrics.jsonl (matplotlib, Agg: no display needed).
+
+    plot_run("runs/tiny-moe")  # -> runs/tiny-moe/plots/loss.png, expert_load.png
+
+Figures are built with matplotlib's object API (Figure + Agg canvas), so drawing never touches
+pyplot's global state or needs a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .training.metrics import read_metrics
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_run(run_dir: Path | str, out_dir: Optional[Path | str] = None) -> list[Path]:
+    """Draw every figure a run's metrics allow into run_dir/plots/; returns the files written."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    title = run_dir.name
+    if any(r.get("kind") in ("train", "eval") for r in records):
+        written.append(plot_loss_curves(records, out / "loss.png", title=title))
+    if any(r.get("layers") for r in records if r.get("kind") == "train"):
+        written.append(plot_load_heatmap(records, out / "expert_load.png", title=title))
+    return written
+
+
+def plot_loss_curves(records: list[dict], path: Path, title: str = "") -> Path:
+    """Training and validation loss (left) and perplexity, log scale (right), against steps."""
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig = _figure(11, 4)
+    ax_loss, ax_ppl = fig.subplots(1, 2)
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["ce_loss"] for r in train], label="train cross-entropy", color="tab:blue", lw=1)
+        ax_ppl.plot(steps, [r["ppl"] for r in train], label="train", color="tab:blue", lw=1)
+        aux = [r["aux_loss"] + r["z_loss"] for r in train]
+        if any(a for a in aux):  # a scale of its own: ~0.01 next to a cross-entropy of ~5
+            ax_aux = ax_loss.twinx()
+            ax_aux.plot(steps, aux, color="tab:gray", lw=1, ls="--")
+            ax_aux.set_ylabel("balance + z loss (dashed)", color="tab:gray", fontsize=8)
+            ax_aux.tick_params(axis="y", labelcolor="tab:gray", labelsize=7)
+    if evals:
+        steps = [r["step"] for r in evals]
+        ax_loss.plot(steps, [r["val_loss"] for r in evals], "o-", label="validation", color="tab:orange", ms=3)
+        ax_ppl.plot(steps, [r["val_ppl"] for r in evals], "o-", label="validation", color="tab:orange", ms=3)
+        last = evals[-1]
+        ax_ppl.annotate(f"{last['val_ppl']:.1f}", (last["step"], last["val_ppl"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color="tab:orange")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_ppl.set_xlabel("step")
+    ax_ppl.set_ylabel("perplexity")
+    ax_ppl.set_yscale("log")
+    ax_ppl.legend(fontsize=8)
+    ax_ppl.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{title}: loss and perplexity" if title else "loss and perplexity")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_load_heatmap(records: list[dict], path: Path, title: str = "") -> Path:
+    """Per MoE layer, an expert x step heatmap of each expert's share of the tokens, relative to
+    uniform (1 = its fair share; 0 = starved; white = balanced)."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    train = [r for r in records if r.get("kind") == "train" and r.get("layers")]
+    layer_ids = [ll["layer"] for ll in train[0]["layers"]]
+    steps = [r["step"] for r in train]
+    grids = []
+    for li in range(len(layer_ids)):
+        cols = [r["layers"][li]["load"] for r in train if len(r["layers"]) > li]
+        n = len(cols[0])
+        grids.append([[c[e] * n for c in cols] for e in range(n)])  # [expert][time]
+    vmax = max(2.0, max(max(max(row) for row in g) for g in grids))
+    fig = _figure(11, 1.2 + 1.3 * len(grids))
+    axes = fig.subplots(len(grids), 1, squeeze=False, sharex=True)[:, 0]
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
+    im = None
+    # each column spans the steps its log window covered: (previous log step, this log step]
+    edges = [0] + steps
+    for ax, layer, g in zip(axes, layer_ids, grids):
+        n = len(g)
+        im = ax.pcolormesh(edges, [e - 0.5 for e in range(n + 1)], g, cmap="RdBu_r", norm=norm, shading="flat")
+        ax.invert_yaxis()
+        ax.set_ylabel(f"layer {layer}\nexpert", fontsize=8)
+        ax.set_yticks(range(n) if n <= 16 else range(0, n, max(1, n // 8)))
+        ax.tick_params(labelsize=7)
+    axes[-1].set_xlabel("step")
+    fig.colorbar(im, ax=list(axes), label="share / uniform share", shrink=0.9)
+    fig.suptitle(f"{title}: expert load over training" if title else "expert load over training")
+    fig.savefig(path)
+    return Path(path)

@@ -1,0 +1,723 @@
+"""The training loop. It reads top-down like a recipe:
+
+    1. validate everything (config, data folder, vocabulary, run folder, checkpoint) - no work yet
+    2. seed, pick the device and precision, build the model and the optimizer
+    3. resume from a checkpoint, or start a fresh run folder
+    4. loop: batch -> forward -> loss = CE + balance + z -> backward -> clip -> AdamW step ->
+       router-bias update; log, evaluate, warn about collapsed experts, checkpoint
+    5. final evaluation, final checkpoint, plots, a TrainResult
+
+    result = train(load_config("configs/tiny-moe.yaml"))
+
+Exact resume: the model, optimizer and RNG states are in the checkpoint; the learning rate is a
+pure function of the step; batch i of the data stream is a pure function of (seed, i); and the
+evaluation runs under a forked RNG, so N steps + resume + N steps equals 2N steps on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import __version__
+from ..config import Config, dump_yaml, validate
+from ..errors import ConfigError, DataError, RunError, TrainingError
+from . import checkpoint as ckpt_io
+from .metrics import (CollapseAlarm, JsonlSink, LoadMeter, TensorBoardSink, TrainDisplay, eval_record,
+                      event_record, fmt_duration, perplexity, tensorboard_available, train_record,
+                      truncate_metrics)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int  # the step training stopped at
+    tokens: int  # training tokens seen, over all resumes
+    val_loss: Optional[float]  # the last evaluation's
+    val_ppl: Optional[float]
+    train_loss: Optional[float]  # the last step's cross-entropy
+    tokens_per_s: float  # training throughput of this session (excludes evaluation)
+    wall_s: float  # training wall clock over all resumes (excludes evaluation and checkpoints)
+    flops: float  # training FLOPs = flops_per_token x tokens
+    checkpoint: Optional[Path]  # the last checkpoint written
+    interrupted: bool = False
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a checkpoint was saved; the CLI exits 130."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[str] = None,
+          overwrite: bool = False, console: Any = None, command_line: Optional[list[str]] = None,
+          *, stop_after: Optional[int] = None) -> TrainResult:
+    """Train `cfg`'s model on its data folder; write runs/<name>/ (or `out_dir`).
+
+    resume: "auto" (this run's latest checkpoint, if any, else start fresh) or a checkpoint folder
+    (or a run folder) to continue from, into this run's folder. overwrite: delete the run folder
+    first. stop_after: stop (with a checkpoint) after this step while the learning-rate schedule
+    still spans train.max_steps - a time-boxed session that a later --resume continues exactly.
+    """
+    from rich.console import Console
+
+    console = console if console is not None else Console()
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+
+    # 1. validate everything before any training work ------------------------------------------
+    validate(cfg)
+    if resume is not None and overwrite:
+        raise RunError("--resume and --overwrite contradict each other", "pass one of them")
+    data = _open_data(cfg)  # also sets model.vocab_size from the tokenizer when null
+    device, amp_dtype = resolve_device(t.device, t.dtype)
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
+    start_ckpt, start_state = _plan_resume(run_dir, resume, overwrite, cfg, data)
+    if t.tensorboard and not tensorboard_available():
+        raise ConfigError("train.tensorboard = true but the tensorboard package is not installed",
+                          "pip install tensorboard (or: pip install 'moe-lm[tensorboard]'), or set train.tensorboard=false")
+
+    from ..data.shards import eval_windows, get_batch
+    from ..model.accounting import flops_per_token
+    from ..model.transformer import Transformer
+
+    # 2. seed, model, optimizer ----------------------------------------------------------------
+    seed_everything(t.seed)
+    model = Transformer(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    forward = torch.compile(model) if t.compile else model
+    moe_layers = moe_layer_ids(cfg)
+    fpt = training_flops_per_token(flops_per_token, cfg.model)
+    tokens_per_step = t.batch_size * cfg.model.seq_len
+    micro_bs = t.batch_size // t.grad_accum
+    train_tokens, val_tokens = data.split("train"), data.split("val")
+    # the same seeded validation windows at every evaluation
+    val_batches = list(eval_windows(val_tokens, cfg.model.seq_len, micro_bs, n_batches=t.eval_batches, seed=t.seed))
+
+    # 3. resume, or start a fresh run folder -----------------------------------------------------
+    alarm = CollapseAlarm(cfg.model.moe)
+    step, tokens, wall_s, last_val = 0, 0, 0.0, None
+    if start_ckpt is not None:
+        st = ckpt_io.load_checkpoint(start_ckpt, model, optimizer, scaler=scaler, map_location=device)
+        step, tokens, wall_s = st["step"], st["tokens"], st.get("wall_s", 0.0)
+        alarm.load_state_dict(st.get("alarm", {}))
+        last_val = st.get("last_val")
+        if step != st.get("next_batch_index", step):
+            raise ConfigError(f"checkpoint {start_ckpt} has a data position unknown to this trainer")
+    _prepare_run_dir(run_dir, cfg, start_ckpt, step, overwrite, data, device, amp_dtype, command_line)
+    sink = JsonlSink(run_dir / "metrics.jsonl")
+    tb = TensorBoardSink(run_dir / "tensorboard") if t.tensorboard else None
+    write = lambda rec: (sink.write(rec), tb.write(rec) if tb else None)  # noqa: E731
+    if start_ckpt is not None:
+        write(event_record(step=step, event="resume", message=f"resumed from {start_ckpt}"))
+    else:
+        write(event_record(step=0, event="start", message=f"{cfg.name} on {device.type}"))
+
+    end_step = t.max_steps if stop_after is None else min(t.max_steps, stop_after)
+    console.print(_start_line(cfg, model, device, amp_dtype, run_dir, step, start_ckpt), markup=False,
+                  highlight=False, soft_wrap=True)
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    params = [p for p in model.parameters() if p.requires_grad]
+    meter, val_meter = LoadMeter(moe_layers), LoadMeter(moe_layers)
+    last_ckpt: Optional[Path] = start_ckpt
+    saved_step: Optional[int] = None
+    last_ce: Optional[float] = None
+    session_tokens, session_wall = 0, 0.0
+    window = _Window()
+
+    def evaluate_now() -> dict:
+        val_loss = evaluate(forward, model, val_batches, device, amp, val_meter)
+        rec = eval_record(step=step, tokens=tokens, flops=fpt * tokens, wall_s=wall_s, val_loss=val_loss,
+                          layers=val_meter.read())
+        write(rec)
+        display.on_eval(rec)
+        fired = alarm.update(step, [_layer_from_json(ll) for ll in rec["layers"]])
+        for a in fired:
+            write(event_record(step=step, event="collapse", message=a.message, alarm=a.to_json()))
+        display.on_alarms(alarm.active, fired)
+        return {"step": step, "val_loss": rec["val_loss"], "val_ppl": rec["val_ppl"]}
+
+    def save_now() -> Path:
+        nonlocal saved_step
+        saved_step = step
+        extra = {"tokens": tokens, "wall_s": wall_s, "flops": fpt * tokens, "next_batch_index": step,
+                 "data_seed": t.seed, "alarm": alarm.state_dict(), "last_val": last_val}
+        path = ckpt_io.save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, cfg=cfg, state=extra,
+                                       tokenizer_path=data.tokenizer_path, scaler=scaler, keep=t.keep_checkpoints)
+        write(event_record(step=step, event="checkpoint", message=str(path)))
+        return path
+
+    stop = _StopRequest()
+    with stop, TrainDisplay(console, name=cfg.name, start_step=step, max_steps=t.max_steps,
+                            log_every=t.log_every) as display:
+        if step == 0 and start_ckpt is None:
+            last_val = evaluate_now()  # the untrained baseline, ~ln(vocab)
+
+        # 4. the loop -----------------------------------------------------------------------
+        while step < end_step and not stop.requested:
+            t0 = time.perf_counter()
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # NOTE: batch `step` of the seeded stream, split into micro-batches: grad_accum changes
+            # memory use, not the data or the gradient.
+            x, y = get_batch(train_tokens, step, t.batch_size, cfg.model.seq_len, t.seed)
+            sums = torch.zeros(3, device=device)  # ce, balance, z
+            for micro in range(t.grad_accum):
+                xs = x[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
+                ys = y[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
+                with amp():
+                    out = forward(xs, ys)
+                aux = _as_tensor(out.aux_loss, out.loss)
+                z = _as_tensor(out.z_loss, out.loss)
+                loss = (out.loss + aux + z) / t.grad_accum
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                sums += torch.stack([out.loss.detach(), aux.detach(), z.detach()]).float() / t.grad_accum
+                meter.add(out.moe_stats)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            # one host sync per step: the values to log, and the finiteness check
+            ce, aux_v, z_v, gn = torch.cat([sums, grad_norm.detach().float().reshape(1).to(device)]).tolist()
+            if not all(math.isfinite(v) for v in (ce, aux_v, z_v)) or (scaler is None and not math.isfinite(gn)):
+                bad = "cross-entropy" if not math.isfinite(ce) else "loss" if math.isfinite(gn) else "gradient norm"
+                write(event_record(step=step + 1, event="nonfinite", message=f"{bad} = {ce if bad != 'gradient norm' else gn}"))
+                raise TrainingError(
+                    f"the {bad} became non-finite at step {step + 1}; stopped without saving this state "
+                    f"(last good checkpoint: {last_ckpt or 'none'})",
+                    "lower train.lr, raise train.warmup_steps or set train.grad_clip=1.0, then --resume auto",
+                )
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_router_biases()
+
+            step += 1
+            tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            wall_s += dt
+            session_wall += dt
+            session_tokens += tokens_per_step
+            last_ce = ce
+            window.add(ce, aux_v, z_v, gn, tokens_per_step, dt)
+            display.on_step(step)
+
+            if step % t.log_every == 0 or step == end_step or step == 1:
+                rec = train_record(step=step, tokens=tokens, flops=fpt * tokens, wall_s=wall_s, lr=lr,
+                                   loss=window.mean("loss"), ce_loss=window.mean("ce"),
+                                   aux_loss=window.mean("aux"), z_loss=window.mean("z"),
+                                   grad_norm=window.mean("gn"), tokens_per_s=window.tokens_per_s(),
+                                   layers=meter.read())
+                write(rec)
+                display.on_train(rec)
+                window = _Window()
+            if step % t.eval_every == 0 or step == t.max_steps:
+                last_val = evaluate_now()
+            if step % t.checkpoint_every == 0 or step == end_step or stop.requested:
+                last_ckpt = save_now()
+
+        # 5. the end: interrupted, or done ----------------------------------------------------
+        if stop.requested:
+            if saved_step != step:
+                last_ckpt = save_now()
+            write(event_record(step=step, event="interrupted", message=f"checkpoint {last_ckpt}"))
+            display.note(f"interrupted at step {step}: checkpoint saved to {last_ckpt}")
+    sink.close()
+    if tb:
+        tb.close()
+    plots = _make_plots(run_dir, console)
+    result = TrainResult(
+        run_dir=run_dir, steps=step, tokens=tokens,
+        val_loss=last_val["val_loss"] if last_val else None, val_ppl=last_val["val_ppl"] if last_val else None,
+        train_loss=last_ce, tokens_per_s=session_tokens / session_wall if session_wall > 0 else 0.0,
+        wall_s=wall_s, flops=fpt * tokens, checkpoint=last_ckpt, interrupted=stop.requested,
+    )
+    if stop.requested:
+        console.print(f"continue with: {_resume_command(command_line, run_dir)}", markup=False, highlight=False,
+                      soft_wrap=True)
+        raise TrainingInterrupted(step, last_ckpt)
+    _print_summary(console, result, plots)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# step 1: validation
+
+
+def _open_data(cfg: Config):
+    """Open the data folder; take or check the vocabulary size; check the splits are long enough."""
+    from ..data.shards import TokenData
+
+    data_dir = Path(cfg.data.dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist",
+                        "prepare it with `moe-lm prepare` (built-in corpus), or set data.dir=...")
+    data = TokenData.open(data_dir)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = int(data.vocab_size)
+    elif cfg.model.vocab_size != data.vocab_size:
+        raise DataError(
+            f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer of {data_dir} has {data.vocab_size} tokens",
+            "set model.vocab_size=null to take it from the data, or point data.dir at the matching folder",
+        )
+    need = cfg.model.seq_len + 1
+    for split in ("train", "val"):
+        try:
+            n = len(data.split(split))
+        except (KeyError, FileNotFoundError) as exc:
+            raise DataError(f"data folder {data_dir} has no {split} split",
+                            "prepare it again with `moe-lm prepare --overwrite`") from exc
+        if n < need:
+            raise DataError(f"the {split} split of {data_dir} has {n} tokens, fewer than model.seq_len + 1 = {need}",
+                            "lower model.seq_len or prepare more text")
+    return data
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, Optional[torch.dtype]]:
+    """-> (device, autocast dtype or None for plain float32)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device", "use train.device=auto or cpu")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device = 'mps' but torch sees no MPS device", "use train.device=auto or cpu")
+    dev = torch.device(device)
+    if dtype == "auto":
+        # NOTE: bf16 on a CPU without bf16 units is slower than fp32, so auto means fp32 there.
+        return dev, (torch.bfloat16 if dev.type == "cuda" else None)
+    if dtype == "float32":
+        return dev, None
+    if dtype == "float16" and dev.type != "cuda":
+        raise ConfigError(f"train.dtype = 'float16' needs a CUDA device (this run is on {dev.type})",
+                          "use train.dtype=float32 or bfloat16")
+    return dev, {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _plan_resume(run_dir: Path, resume: Optional[str], overwrite: bool, cfg: Config, data) -> tuple[Optional[Path], Optional[dict]]:
+    """Which checkpoint to start from (verified: files, config, tokenizer), or None to start fresh."""
+    exists = run_dir.exists() and any(run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
+    if resume is None:
+        if exists and not overwrite:
+            raise RunError(f"run folder {run_dir} already exists",
+                           "continue it with --resume auto, replace it with --overwrite, or choose --out / name=")
+        if exists and overwrite and not _looks_like_run_dir(run_dir):
+            raise RunError(f"refusing to delete {run_dir}: it does not look like a run folder",
+                           "choose another --out")
+        return None, None
+    ckpt = ckpt_io.find_latest(run_dir) if resume == "auto" else ckpt_io.resolve_checkpoint(Path(resume))
+    if ckpt is None:
+        return None, None  # auto with nothing to resume: start fresh
+    state = ckpt_io.read_state(ckpt)
+    ckpt_io.check_config(ckpt, state, cfg)
+    saved_tok = ckpt / "tokenizer.json"
+    if saved_tok.is_file() and data.tokenizer_path and Path(data.tokenizer_path).is_file() and \
+            saved_tok.read_bytes() != Path(data.tokenizer_path).read_bytes():
+        raise DataError(f"checkpoint {ckpt} was trained with another tokenizer than {data.tokenizer_path}",
+                        "point data.dir at the data folder the run was trained on")
+    if state["step"] >= cfg.train.max_steps:
+        raise RunError(f"checkpoint {ckpt} is at step {state['step']}, already at train.max_steps = {cfg.train.max_steps}",
+                       f"train longer with train.max_steps={state['step'] * 2}")
+    return ckpt, state
+
+
+def _looks_like_run_dir(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / n).exists() for n in ("config.yaml", "metrics.jsonl", "checkpoints"))
+
+
+# ---------------------------------------------------------------------------------------------
+# step 2: seeds, optimizer, schedule
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (ndim >= 2: linear layers, stacked experts, embeddings),
+    none on vectors (norm gains, biases) - nanoGPT's rule."""
+    t = cfg.train
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                             fused=True if device.type == "cuda" else None)
+
+
+def lr_at(step: int, t) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps.
+    `step` counts optimizer steps done (0 = the first step)."""
+    if t.warmup_steps > 0 and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    lo = t.lr * t.min_lr_ratio
+    return lo + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - lo)
+
+
+def moe_layer_ids(cfg: Config) -> list[int]:
+    """Block indices of the MoE layers, in the order of ModelOutput.moe_stats."""
+    moe = cfg.model.moe
+    if moe is None:
+        return []
+    return [i for i in range(cfg.model.n_layers) if i % moe.every == moe.every - 1]
+
+
+def training_flops_per_token(flops_fn, model_cfg) -> float:
+    """accounting.flops_per_token as one number (a dict result: its total, router included)."""
+    v = flops_fn(model_cfg)
+    if isinstance(v, dict):
+        for key in ("total", "train", "training"):
+            if key in v:
+                return float(v[key])
+        return float(sum(x for x in v.values() if isinstance(x, (int, float))))
+    return float(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 3: the run folder
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, start_ckpt: Optional[Path], step: int, overwrite: bool,
+                     data, device: torch.device, amp_dtype, command_line) -> None:
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_io.clean_partial(run_dir / "checkpoints")
+    metrics = run_dir / "metrics.jsonl"
+    if start_ckpt is None:
+        metrics.write_text("")
+    else:
+        ckpt_root = (run_dir / "checkpoints").resolve()
+        if start_ckpt.resolve().parent == ckpt_root:
+            ckpt_io.set_aside_later(ckpt_root, step)  # resumed from an earlier checkpoint of this run
+            truncate_metrics(metrics, step)
+        else:  # another run's checkpoint: carry its history over, if this run has none yet
+            source = start_ckpt.resolve().parent.parent / "metrics.jsonl"
+            if not metrics.exists() or metrics.stat().st_size == 0:
+                truncate_metrics(metrics, step, source=source if source.is_file() else metrics)
+            else:
+                truncate_metrics(metrics, step)
+    ckpt_io.write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    ckpt_io.write_atomic(run_dir / "env.json", json.dumps(environment(device, amp_dtype, command_line, data,
+                                                                       start_ckpt), indent=1))
+
+
+def environment(device: torch.device, amp_dtype, command_line, data=None, resumed_from=None) -> dict:
+    import numpy as np
+
+    env = {
+        "moe_lm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "platform": platform.platform(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": device.type, "device_name": _device_name(device),
+        "precision": "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast",
+        "command_line": list(command_line) if command_line else None, "cwd": os.getcwd(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "data_dir": str(data.dir) if data is not None else None, "git_commit": _git_commit(),
+    }
+    for mod in ("safetensors", "tokenizers", "rich"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - versions are informative only
+            pass
+    return env
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# step 4: evaluation, stopping, logging windows
+
+
+@torch.no_grad()
+def evaluate(forward, model: torch.nn.Module, batches: list, device: torch.device, amp, meter: LoadMeter) -> float:
+    """Mean validation cross-entropy over fixed windows. Runs under a forked RNG so an evaluation
+    never changes what training draws next (exact resume)."""
+    model.eval()
+    total, count = 0.0, 0
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with amp():
+                out = forward(x, y)
+            total += float(out.loss) * y.numel()
+            count += y.numel()
+            meter.add(out.moe_stats)
+    model.train()
+    return total / max(count, 1)
+
+
+class _StopRequest:
+    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+            self._prev = None
+
+
+class _Window:
+    """Sums between two log steps."""
+
+    def __init__(self):
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0, "gn": 0.0}
+
+    def add(self, ce: float, aux: float, z: float, gn: float, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        for k, v in (("loss", ce + aux + z), ("ce", ce), ("aux", aux), ("z", z), ("gn", gn)):
+            self.sums[k] += v
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.steps, 1)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
+    if v is None:
+        return torch.zeros((), device=like.device, dtype=like.dtype)
+    if isinstance(v, torch.Tensor):
+        return v
+    return torch.tensor(float(v), device=like.device, dtype=like.dtype)
+
+
+def _layer_from_json(d: dict):
+    from .metrics import LayerLoad
+
+    return LayerLoad(d["layer"], d["load"], d["max_mean"], d["cv"], d["dropped_frac"], d["entropy"],
+                     d["balance_loss"], d["z_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# step 5: reporting
+
+
+def _make_plots(run_dir: Path, console) -> list[Path]:
+    try:
+        from ..plots import plot_run
+
+        return plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - a figure must never cost the user a finished run
+        console.print(f"warning: could not draw plots ({type(exc).__name__}: {exc})", markup=False, highlight=False)
+        return []
+
+
+def _start_line(cfg: Config, model, device, amp_dtype, run_dir: Path, step: int, start_ckpt) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    prec = "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    moe = cfg.model.moe
+    kind = (f"MoE {moe.n_experts} experts top-{moe.top_k} {moe.router}" if moe is not None else "dense")
+    where = f"resuming at step {step} from {start_ckpt}" if start_ckpt is not None else "starting"
+    return (f"{cfg.name}: {kind}, {n / 1e6:.2f}M parameters, {device.type} {prec}, "
+            f"{cfg.train.max_steps} steps x {cfg.train.batch_size * cfg.model.seq_len:,} tokens; "
+            f"{where} -> {run_dir}")
+
+
+def _print_summary(console, r: TrainResult, plots: list[Path]) -> None:
+    val = f"val loss {r.val_loss:.4f}, val ppl {r.val_ppl:.2f}" if r.val_loss is not None else "no evaluation"
+    console.print(
+        f"done: {r.steps} steps, {r.tokens:,} tokens, {val}, {r.tokens_per_s:,.0f} tok/s, "
+        f"training time {fmt_duration(r.wall_s)}; {r.run_dir}"
+        + (f" (plots: {', '.join(p.name for p in plots)})" if plots else ""),
+        markup=False, highlight=False, soft_wrap=True,
+    )
+
+
+def _resume_command(command_line: Optional[list[str]], run_dir: Path) -> str:
+    if not command_line:
+        return f"moe-lm train --config {run_dir / 'config.yaml'} --out {run_dir} --resume auto"
+    args = [a for a in command_line if a != "--overwrite"]
+    prog = "moe-lm" if Path(args[0]).name in ("moe-lm", "__main__.py", "cli.py") else args[0]
+    args = [prog] + args[1:]
+    if "--resume" in args:
+        i = args.index("--resume")
+        args[i:i + 2] = ["--resume", "auto"]
+    elif not any(a.startswith("--resume=") for a in args):
+        args.append("--resume auto")
+    return " ".join(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark (library side of benchmarks/bench_train.py and `moe-lm bench train`)
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
+                        repeats: int = 5, inner: int = 5) -> float:
+    """Best observed FLOP/s of an n x n matmul on `device` (the machine's practical peak)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2,
+                vocab_size: Optional[int] = None, device: Optional[str] = None) -> dict:
+    """Training tokens/s of cfg's MoE model and of its dense twin, measured alternately in one
+    process (median over `rounds` rounds of `steps` optimizer steps each), their ratio, and model
+    FLOP utilisation against this machine's measured matmul peak.
+
+    Uses random token batches (no data folder needed); vocab_size: from the config, else the data
+    folder, else 8192.
+    """
+    from ..model.accounting import dense_twin, flops_per_token
+    from ..model.transformer import Transformer
+
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = vocab_size or _data_vocab(cfg) or 8192
+    dev, amp_dtype = resolve_device(device or cfg.train.device, cfg.train.dtype)
+    amp = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    variants = {"moe": cfg, "dense": dense_twin(cfg)} if cfg.model.moe is not None else {"dense": cfg}
+    t = cfg.train
+    bs, seq = t.batch_size // t.grad_accum, cfg.model.seq_len
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (bs, seq + 1), generator=g).to(dev)
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    runs = {}
+    for name, c in variants.items():
+        seed_everything(t.seed)
+        model = Transformer(c.model).to(dev)
+        opt = build_optimizer(model, c, dev)
+        fwd = torch.compile(model) if t.compile else model
+        runs[name] = {"cfg": c, "model": model, "opt": opt, "fwd": fwd, "times": [],
+                      "params": sum(p.numel() for p in model.parameters()),
+                      "fpt": training_flops_per_token(flops_per_token, c.model)}
+
+    def one_step(r) -> None:
+        with amp():
+            out = r["fwd"](inp, tgt)
+        loss = out.loss + _as_tensor(out.aux_loss, out.loss) + _as_tensor(out.z_loss, out.loss)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
+        r["opt"].step()
+        r["opt"].zero_grad(set_to_none=True)
+        r["model"].update_router_biases()
+
+    for r in runs.values():
+        for _ in range(warmup):
+            one_step(r)
+    _sync(dev)
+    for _ in range(rounds):
+        for r in runs.values():  # NOTE: alternate, so drifts in clock speed hit both alike
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                one_step(r)
+            _sync(dev)
+            r["times"].append((time.perf_counter() - t0) / steps)
+    peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
+    out: dict[str, Any] = {"device": dev.type, "device_name": _device_name(dev), "threads": torch.get_num_threads(),
+                           "precision": "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+                           "batch_tokens": bs * seq, "matmul_peak_flops": peak, "models": {}}
+    for name, r in runs.items():
+        step_s = statistics.median(r["times"])
+        tps = bs * seq / step_s
+        out["models"][name] = {
+            "params": r["params"], "flops_per_token": r["fpt"], "step_s": step_s, "tokens_per_s": tps,
+            "tokens_per_s_spread": [bs * seq / max(r["times"]), bs * seq / min(r["times"])],
+            "achieved_flops": tps * r["fpt"], "mfu": tps * r["fpt"] / peak,
+        }
+    if "moe" in out["models"]:
+        out["moe_over_dense_tokens_per_s"] = out["models"]["moe"]["tokens_per_s"] / out["models"]["dense"]["tokens_per_s"]
+    return out
+
+
+def _data_vocab(cfg: Config) -> Optional[int]:
+    try:
+        from ..data.shards import TokenData
+
+        return int(TokenData.open(Path(cfg.data.dir)).vocab_size)
+    except Exception:  # noqa: BLE001 - only a default
+        return None
