@@ -74,13 +74,14 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[str] = None,
           overwrite: bool = False, console: Any = None, command_line: Optional[list[str]] = None,
-          *, stop_after: Optional[int] = None) -> TrainResult:
+          *, stop_after: Optional[int] = None, plots: bool = True) -> TrainResult:
     """Train `cfg`'s model on its data folder; write runs/<name>/ (or `out_dir`).
 
     resume: "auto" (this run's latest checkpoint, if any, else start fresh) or a checkpoint folder
     (or a run folder) to continue from, into this run's folder. overwrite: delete the run folder
     first. stop_after: stop (with a checkpoint) after this step while the learning-rate schedule
     still spans train.max_steps - a time-boxed session that a later --resume continues exactly.
+    plots: draw runs/<name>/plots/ at the end (compare-dense and tests may skip it).
     """
     from rich.console import Console
 
@@ -247,7 +248,8 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
                 last_ckpt = save_now()
 
         # 5. the end: interrupted, or done ----------------------------------------------------
-        if stop.requested:
+        interrupted = stop.requested and step < end_step
+        if interrupted:
             if saved_step != step:
                 last_ckpt = save_now()
             write(event_record(step=step, event="interrupted", message=f"checkpoint {last_ckpt}"))
@@ -255,18 +257,18 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
     sink.close()
     if tb:
         tb.close()
-    plots = _make_plots(run_dir, console)
+    figures = _make_plots(run_dir, console) if plots else []
     result = TrainResult(
         run_dir=run_dir, steps=step, tokens=tokens,
         val_loss=last_val["val_loss"] if last_val else None, val_ppl=last_val["val_ppl"] if last_val else None,
         train_loss=last_ce, tokens_per_s=session_tokens / session_wall if session_wall > 0 else 0.0,
-        wall_s=wall_s, flops=fpt * tokens, checkpoint=last_ckpt, interrupted=stop.requested,
+        wall_s=wall_s, flops=fpt * tokens, checkpoint=last_ckpt, interrupted=interrupted,
     )
-    if stop.requested:
+    if interrupted:
         console.print(f"continue with: {_resume_command(command_line, run_dir)}", markup=False, highlight=False,
                       soft_wrap=True)
         raise TrainingInterrupted(step, last_ckpt)
-    _print_summary(console, result, plots)
+    _print_summary(console, result, figures)
     return result
 
 
@@ -433,8 +435,8 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, start_ckpt: Optional[Path], ste
         metrics.write_text("")
     else:
         ckpt_root = (run_dir / "checkpoints").resolve()
+        ckpt_io.set_aside_later(ckpt_root, step)  # checkpoints past the resume point: an abandoned branch
         if start_ckpt.resolve().parent == ckpt_root:
-            ckpt_io.set_aside_later(ckpt_root, step)  # resumed from an earlier checkpoint of this run
             truncate_metrics(metrics, step)
         else:  # another run's checkpoint: carry its history over, if this run has none yet
             source = start_ckpt.resolve().parent.parent / "metrics.jsonl"
