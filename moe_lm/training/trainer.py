@@ -96,7 +96,7 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
     data = _open_data(cfg)  # also sets model.vocab_size from the tokenizer when null
     device, amp_dtype = resolve_device(t.device, t.dtype)
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    start_ckpt, start_state = _plan_resume(run_dir, resume, overwrite, cfg, data)
+    start_ckpt, _ = _plan_resume(run_dir, resume, overwrite, cfg, data)
     if t.tensorboard and not tensorboard_available():
         raise ConfigError("train.tensorboard = true but the tensorboard package is not installed",
                           "pip install tensorboard (or: pip install 'moe-lm[tensorboard]'), or set train.tensorboard=false")
@@ -207,12 +207,14 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
             # one host sync per step: the values to log, and the finiteness check
             ce, aux_v, z_v, gn = torch.cat([sums, grad_norm.detach().float().reshape(1).to(device)]).tolist()
-            if not all(math.isfinite(v) for v in (ce, aux_v, z_v)) or (scaler is None and not math.isfinite(gn)):
-                bad = "cross-entropy" if not math.isfinite(ce) else "loss" if math.isfinite(gn) else "gradient norm"
-                write(event_record(step=step + 1, event="nonfinite", message=f"{bad} = {ce if bad != 'gradient norm' else gn}"))
+            # (with float16 the grad scaler handles an inf gradient norm itself: it skips the step)
+            checked = [("cross-entropy", ce), ("balance loss", aux_v), ("z-loss", z_v)]
+            bad = [(n, v) for n, v in checked + ([("gradient norm", gn)] if scaler is None else []) if not math.isfinite(v)]
+            if bad:
+                write(event_record(step=step + 1, event="nonfinite", message=f"{bad[0][0]} = {bad[0][1]}"))
                 raise TrainingError(
-                    f"the {bad} became non-finite at step {step + 1}; stopped without saving this state "
-                    f"(last good checkpoint: {last_ckpt or 'none'})",
+                    f"the {bad[0][0]} became non-finite ({bad[0][1]}) at step {step + 1}; stopped without saving "
+                    f"this state (last good checkpoint: {last_ckpt or 'none'})",
                     "lower train.lr, raise train.warmup_steps or set train.grad_clip=1.0, then --resume auto",
                 )
             if scaler is not None:
