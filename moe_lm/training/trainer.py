@@ -623,9 +623,11 @@ def _resume_command(command_line: Optional[list[str]], run_dir: Path) -> str:
 # benchmark (library side of benchmarks/bench_train.py and `moe-lm bench train`)
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
                         repeats: int = 5, inner: int = 5) -> float:
-    """Best observed FLOP/s of an n x n matmul on `device` (the machine's practical peak)."""
+    """Best observed FLOP/s of an n x n matmul on `device` (the machine's practical peak).
+    n: 1024 on a CPU; 8192 on a GPU (smaller products leave a big GPU far from its peak)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
