@@ -1,0 +1,179 @@
+"""The MoE layer: router -> assignments -> (capacity) -> dispatch over stacked experts -> combine.
+
+    layer = MoELayer(d_model, ffn_hidden, activation, moe_cfg, std=0.02, down_std=0.02 / sqrt(2 L))
+    y, stats = layer(x)          # x, y: (B, T, d); stats: MoEStats (detached statistics + losses)
+
+Also the dense FFN (`FeedForward`), used by dense blocks and as the always-on shared experts.
+Weight names follow transformers' Llama/Mixtral so an export is a renaming:
+  FeedForward.gate_proj / up_proj / down_proj = LlamaMLP's (nn.Linear layout, (out, in));
+  router.weight (E, d) = Mixtral's block_sparse_moe.gate.weight;
+  Experts.w_gate_up (E, d, 2h) = [gate | up] in x @ W layout: Mixtral's experts.gate_up_proj is
+  its transpose (E, 2h, d); Experts.w_down (E, h, d) transposed = Mixtral's experts.down_proj (E, d, h).
+Shared experts (DeepSeekMoE) are plain always-on FFNs summed into the output; Qwen2-MoE's shared
+expert has an extra sigmoid gate, so it is not the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MoEConfig
+from . import dispatch, losses
+from .routing import ROUTERS, ExpertChoice, Routing
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """relu | gelu on h; swiglu on h = [gate | up] (last dim 2h): silu(gate) * up."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "relu":
+        return F.relu(h)
+    return F.gelu(h)
+
+
+class FeedForward(nn.Module):
+    """Dense FFN without biases: down(silu(gate(x)) * up(x)) for swiglu (LlamaMLP), else
+    down(act(up(x)))."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str, std: float, down_std: float):
+        super().__init__()
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+            nn.init.normal_(self.gate_proj.weight, std=std)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=down_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activate(self.up_proj(x), self.activation))
+
+
+class Experts(nn.Module):
+    """E expert FFNs as stacked tensors (x @ W layout):
+
+        swiglu: w_gate_up (E, d, 2h) = [gate | up], w_down (E, h, d)
+        relu / gelu: w_up (E, d, h), w_down (E, h, d)
+
+    Each matrix starts with exactly the std of the matching dense FFN matrix (`std` for gate/up,
+    `down_std` for down), so an MoE and its dense twin differ in sparsity, not in init.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, activation: str, std: float, down_std: float):
+        super().__init__()
+        self.n_experts, self.d_model, self.hidden, self.activation = n_experts, d_model, hidden, activation
+        width = 2 * hidden if activation == "swiglu" else hidden
+        w_in = nn.Parameter(torch.empty(n_experts, d_model, width))
+        if activation == "swiglu":
+            self.w_gate_up = w_in
+        else:
+            self.w_up = w_in
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        nn.init.normal_(w_in, std=std)
+        nn.init.normal_(self.w_down, std=down_std)
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        """(E, d, 2h) for swiglu, else (E, d, h)."""
+        return self.w_gate_up if self.activation == "swiglu" else self.w_up
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x (n, d) -> (n, d). The plain definition (reference and fallback)."""
+        return activate(x @ self.w_in[e], self.activation) @ self.w_down[e]
+
+
+@dataclass
+class MoEStats:
+    """One MoE layer's statistics for one forward. All but the losses are detached.
+
+    load (E,): assignments each expert processed (tokens per expert, after capacity drops).
+    importance (E,): sum of gate weights per expert (before drops).
+    dropped_frac: share of assignments dropped by the capacity limit (token choice); for expert
+        choice, the share of tokens that no expert took.
+    entropy: mean router entropy (nats) of the router's probabilities.
+    balance_loss, z_loss: this layer's losses, coefficient applied (differentiable).
+    """
+
+    load: torch.Tensor
+    importance: torch.Tensor
+    dropped_frac: torch.Tensor
+    entropy: torch.Tensor
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+def capacity_keep(expert: torch.Tensor, score: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """(A,) bool: True for the assignments an expert keeps when it takes at most `capacity` of them,
+    preferring the highest router score; ties keep the earlier assignment."""
+    by_score = torch.argsort(score, descending=True, stable=True)
+    perm = by_score[torch.argsort(expert[by_score], stable=True)]  # by expert, then by score desc
+    counts = torch.bincount(expert, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(expert.numel(), device=expert.device) - starts[expert[perm]]
+    keep = torch.empty_like(expert, dtype=torch.bool)
+    keep[perm] = rank < capacity
+    return keep
+
+
+class MoELayer(nn.Module):
+    """Router + stacked experts (+ always-on shared experts), dispatch and combine."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str, cfg: MoEConfig, std: float, down_std: float):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts = cfg.n_experts
+        router_cls = ROUTERS[cfg.router]
+        self.router = router_cls(d_model, cfg, init_std=std)
+        self.experts = Experts(cfg.n_experts, d_model, hidden, activation, std, down_std)
+        self.shared_experts = (FeedForward(d_model, cfg.n_shared_experts * hidden, activation, std, down_std)
+                               if cfg.n_shared_experts > 0 else None)
+        self.dispatch_path: str | None = None  # None = dispatch.choose_path's rule; tests force a path
+
+    def capacity(self, n_tokens: int) -> int | None:
+        cf = self.cfg.capacity_factor
+        if cf is None or isinstance(self.router, ExpertChoice):
+            return None
+        return math.ceil(cf * n_tokens * self.cfg.top_k / self.n_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, d), T = all tokens of the batch
+        r: Routing = self.router(x)
+        token, expert, weight = r.token, r.expert, r.weight
+        n_assigned = token.numel()
+        cap = self.capacity(x.shape[0])
+        if cap is not None:
+            # NOTE: boolean indexing syncs with the device once; only with a capacity limit.
+            keep = capacity_keep(expert, r.score, self.n_experts, cap)
+            token, expert, weight = token[keep], expert[keep], weight[keep]
+        y = dispatch.moe_ffn(x, token, expert, weight, self.experts, path=self.dispatch_path)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.reshape(shape), self._stats(r, expert, n_assigned, x.shape[0], token)
+
+    def _stats(self, r: Routing, kept_expert: torch.Tensor, n_assigned: int, n_tokens: int,
+               kept_token: torch.Tensor) -> MoEStats:
+        E, cfg = self.n_experts, self.cfg
+        with torch.no_grad():
+            load = torch.bincount(kept_expert, minlength=E).float()
+            imp = losses.importance(r, E).detach()
+            if r.top_k == 0:  # expert choice: tokens nobody took
+                taken = torch.zeros(n_tokens, device=load.device).index_fill_(0, kept_token, 1.0)
+                dropped = 1.0 - taken.mean()
+            else:
+                dropped = torch.tensor(1.0 - kept_expert.numel() / max(n_assigned, 1), device=load.device)
+            ent = losses.entropy(r.probs)
+        zero = r.logits.new_zeros(())
+        bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E)
+               if cfg.balance_loss != "none" and cfg.balance_coef > 0 else zero)
+        z = cfg.z_loss_coef * losses.z_loss(r.logits) if cfg.z_loss_coef > 0 else zero
+        return MoEStats(load, imp, dropped, ent, bal, z)

@@ -1,0 +1,214 @@
+"""Routers: hidden states `x (T, d)` -> flat assignments `(token, expert, weight)`.
+
+Every router returns a `Routing`: three flat tensors of length A (token-choice top-k: A = T·k,
+token-major; expert choice: A = E·C) plus what the losses and statistics need (the router's
+logits and probabilities). The MoE layer applies capacity limits and dispatches; the routers know
+nothing about experts' weights.
+
+Router math runs in float32 whatever the model's dtype (autocast is switched off inside): the
+softmax/top-k of a bf16 logit vector ties and flips too easily.
+
+    router = ROUTERS[cfg.router](d_model, cfg)
+    r = router(x)              # Routing(token, expert, weight, logits, probs, score, ...)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """A router's decision for one batch of T tokens over E experts.
+
+    token, expert: (A,) int64; weight: (A,) float32, differentiable (the gate value that scales
+    the expert's output). score: (A,) float32, detached - the priority used when a capacity limit
+    drops assignments (lowest first). logits: (T, E) float32 clean router logits (z-loss).
+    probs: (T, E) float32, rows summing to 1 (Switch f·P loss, entropy). noisy_logits and
+    noise_std: (T, E), only from noisy_topk (Shazeer's smooth load estimator).
+    """
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    score: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    top_k: int  # assignments per token for token-choice routers; 0 for expert choice
+    noisy_logits: Optional[torch.Tensor] = None
+    noise_std: Optional[torch.Tensor] = None
+
+
+def _router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (T, d) @ weight (E, d)^T in float32 with autocast off."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
+
+
+def _token_major(top_idx: torch.Tensor, top_w: torch.Tensor, probs_at: torch.Tensor) -> tuple:
+    """(T, k) choices -> flat (token, expert, weight, score), token-major (A = T·k)."""
+    T, k = top_idx.shape
+    token = torch.arange(T, device=top_idx.device).repeat_interleave(k)
+    return token, top_idx.reshape(-1), top_w.reshape(-1), probs_at.reshape(-1).detach()
+
+
+class SoftmaxTopK(nn.Module):
+    """GShard / Mixtral: p = softmax(x W^T) over all E experts, keep the top k, renormalise the kept
+    k to sum to 1 (transformers' MixtralTopKRouter, `norm_topk_prob=True`)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, d_model))  # = Mixtral's gate.weight
+        nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = _router_linear(x, self.weight)  # (T, E)
+        probs = logits.softmax(dim=-1)
+        top_p, top_idx = probs.topk(self.top_k, dim=-1)  # (T, k)
+        weight = top_p / top_p.sum(dim=-1, keepdim=True)
+        token, expert, weight, score = _token_major(top_idx, weight, top_p)
+        return Routing(token, expert, weight, score, logits, probs, self.top_k)
+
+
+class Switch(nn.Module):
+    """Switch Transformer: the top-1 expert of p = softmax(x W^T), scaled by its probability p_i
+    (not renormalised - renormalising one value gives 1 and the router no gradient)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, d_model))
+        nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = _router_linear(x, self.weight)
+        probs = logits.softmax(dim=-1)
+        top_p, top_idx = probs.max(dim=-1, keepdim=True)  # (T, 1)
+        token, expert, weight, score = _token_major(top_idx, top_p, top_p)
+        return Routing(token, expert, weight, score, logits, probs, 1)
+
+
+class NoisyTopK(nn.Module):
+    """Shazeer et al. 2017, Eq. 3-5:
+
+        H(x)_i = (x W_g)_i + N(0, 1) · softplus((x W_noise)_i)      (noise only in training)
+        G(x)   = softmax(KeepTopK(H(x), k))                          (softmax over the kept k)
+
+    W_g and W_noise start at zero, as in the paper: routing begins uniform-at-random through the
+    noise (softplus(0) = 0.69) and learns from there.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.w_gate = nn.Parameter(torch.zeros(cfg.n_experts, d_model))
+        self.w_noise = nn.Parameter(torch.zeros(cfg.n_experts, d_model))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        clean = _router_linear(x, self.w_gate)  # (T, E)
+        noise_std = F.softplus(_router_linear(x, self.w_noise))
+        if self.training:
+            noisy = clean + torch.randn_like(clean) * noise_std
+        else:
+            noisy = clean
+        top_h, top_idx = noisy.topk(self.top_k, dim=-1)
+        weight = top_h.softmax(dim=-1)  # softmax over the kept k = softmax(KeepTopK(H))
+        probs = noisy.softmax(dim=-1)  # over all experts: for entropy and the Switch f·P loss
+        token, expert, weight, score = _token_major(top_idx, weight, probs.gather(1, top_idx))
+        return Routing(token, expert, weight, score, clean, probs, self.top_k,
+                       noisy_logits=noisy, noise_std=noise_std)
+
+
+class ExpertChoice(nn.Module):
+    """Zhou et al. 2022: each expert takes its top C = ceil(T · capacity_factor / E) tokens by
+    softmax score p = softmax(x W^T) (over experts); the weight is that score. A token may get
+    0, 1 or several experts, and the load is balanced by construction.
+
+    NOTE: an expert chooses among all T tokens of the batch at once, so a token's routing depends
+    on LATER tokens of its sequence (and on other sequences): not causal. Fine for comparing
+    training curves; at generation time the model sees other batches than in training.
+    """
+
+    _warned = False
+
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.capacity_factor = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, d_model))
+        nn.init.normal_(self.weight, std=init_std)
+        if not ExpertChoice._warned:
+            ExpertChoice._warned = True
+            warnings.warn("router expert_choice: a token's routing depends on later tokens of its sequence "
+                          "(experts choose among the whole batch), so the model is not strictly causal",
+                          stacklevel=2)
+
+    def capacity(self, n_tokens: int) -> int:
+        return min(n_tokens, math.ceil(n_tokens * self.capacity_factor / self.n_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = _router_linear(x, self.weight)
+        probs = logits.softmax(dim=-1)  # (T, E)
+        C = self.capacity(x.shape[0])
+        top_p, top_tok = probs.t().topk(C, dim=-1)  # (E, C)
+        expert = torch.arange(self.n_experts, device=x.device).repeat_interleave(C)
+        return Routing(top_tok.reshape(-1), expert, top_p.reshape(-1), top_p.reshape(-1).detach(),
+                       logits, probs, 0)
+
+
+class SigmoidBias(nn.Module):
+    """DeepSeek-V3 aux-loss-free balancing: s = sigmoid(x W^T); choose the top k of s + bias; the
+    weights are the chosen s renormalised to sum to 1. `bias` is a buffer, moved outside autograd by
+    `update_bias()` after each optimizer step: bias_i += rate · sign(mean load - load_i), with the
+    load counted since the previous update - it steers which experts are chosen, never the weights.
+
+    probs (for entropy and an optional Switch f·P loss) are the normalised scores s / sum(s), the
+    quantity DeepSeek-V3's small sequence-wise balance loss uses.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        self.n_experts, self.top_k, self.rate = cfg.n_experts, cfg.top_k, cfg.bias_update_rate
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, d_model))
+        nn.init.normal_(self.weight, std=init_std)
+        self.register_buffer("bias", torch.zeros(cfg.n_experts))
+        # NOTE: non-persistent: a checkpoint taken between a step and its update holds no load.
+        self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = _router_linear(x, self.weight)
+        s = torch.sigmoid(logits)  # (T, E)
+        _, top_idx = (s + self.bias).topk(self.top_k, dim=-1)
+        top_s = s.gather(1, top_idx)
+        weight = top_s / top_s.sum(dim=-1, keepdim=True)
+        if self.training:
+            self.load_since_update += torch.bincount(top_idx.reshape(-1), minlength=self.n_experts).to(self.bias.dtype)
+        probs = s / s.sum(dim=-1, keepdim=True)
+        token, expert, weight, score = _token_major(top_idx, weight, top_s)
+        return Routing(token, expert, weight, score, logits, probs, self.top_k)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        load = self.load_since_update
+        if load.sum() > 0:
+            self.bias += self.rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+ROUTERS: dict[str, type[nn.Module]] = {
+    "noisy_topk": NoisyTopK,
+    "softmax_topk": SoftmaxTopK,
+    "switch": Switch,
+    "expert_choice": ExpertChoice,
+    "sigmoid_bias": SigmoidBias,
+}
