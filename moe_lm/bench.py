@@ -1,0 +1,210 @@
+"""Library side of `moe-lm bench layer`: the MoE layer against the dense FFN of equal active width
+and against transformers' MixtralSparseMoeBlock, in one process, interleaved.
+
+    r = bench_layer(d_model=512, tokens=8192, experts=8, top_k=2)
+    r["ratio"]          # MoE forward+backward time / dense FFN forward+backward time
+
+What is timed: forward + backward (gradients for the input and every weight) of one SwiGLU layer
+on `tokens` rows of width d_model, with a fixed upstream gradient. The MoE layer is this toolkit's
+(softmax top-k router, Switch balance loss computed, dropless); each expert is `ffn_hidden` wide
+(default 4·d_model / top_k), so the dense FFN of equal active width is top_k·ffn_hidden = 4·d_model
+wide. The transformers block gets the same weights (so the same routing; the outputs are compared)
+for each experts implementation it offers. Every contender runs once per round, in a rotating
+order, after warm-up rounds; the figure is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .config import MoEConfig
+from .errors import ConfigError
+
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+
+
+def tune_malloc() -> bool:
+    """glibc only: serve every allocation from the heap and never trim it, so that large tensors
+    stop paying page faults on each allocation (each > 32 MiB one is otherwise a fresh mmap).
+    Process-wide; returns False where it does not apply."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except OSError:
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """GFLOP/s of this machine's best square matmul (the trainer's measure, shared)."""
+    from .training.trainer import measure_matmul_peak
+
+    return measure_matmul_peak(device, dtype) / 1e9
+
+
+def _version(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+
+
+def _hf_block(impl: str, d: int, h: int, E: int, k: int, ours, device, dtype):
+    """transformers' MixtralSparseMoeBlock with our layer's weights (a renaming: Mixtral's
+    gate_up_proj (E, 2h, d) is our w_gate_up (E, d, 2h) transposed)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=E, num_experts_per_tok=k)
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.copy_(ours.router.weight)
+        block.experts.gate_up_proj.copy_(ours.experts.w_gate_up.transpose(1, 2))
+        block.experts.down_proj.copy_(ours.experts.w_down.transpose(1, 2))
+    return block.to(device=device, dtype=dtype)
+
+
+def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k: int = 2,
+                ffn_hidden: Optional[int] = None, repeats: int = 10, warmup: int = 2,
+                device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None,
+                hf: bool = True, dispatch_path: Optional[str] = None, seed: int = 0,
+                memory_limit_gib: float = 8.0) -> dict:
+    """Median forward+backward milliseconds of the MoE layer, the dense FFN of equal active width
+    and transformers' Mixtral block (each experts implementation; one whose memory estimate exceeds
+    memory_limit_gib is skipped, with the reason). Returns a JSON-ready dict."""
+    from .model.moe import FeedForward, MoELayer
+
+    if top_k < 1 or experts < 1 or top_k > experts:
+        raise ConfigError(f"--top-k {top_k} with --experts {experts}: need 1 ≤ top-k ≤ experts")
+    if repeats < 1 or tokens < 1 or d_model < 1:
+        raise ConfigError("--repeats, --tokens and --d-model must be ≥ 1")
+    h = ffn_hidden or max(1, (4 * d_model) // top_k)
+    dev = torch.device(device)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if dt is None:
+        raise ConfigError(f"--dtype {dtype}: allowed float32 | bfloat16 | float16")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+    std, down_std = 0.02, 0.02
+    moe_cfg = MoEConfig(n_experts=experts, top_k=top_k, router="softmax_topk", balance_loss="switch")
+    moe = MoELayer(d_model, h, "swiglu", moe_cfg, std, down_std)
+    moe.dispatch_path = dispatch_path
+    dense = FeedForward(d_model, top_k * h, "swiglu", std, down_std)
+    x = torch.randn(1, tokens, d_model, device=dev, dtype=dt)
+    gy = torch.randn(1, tokens, d_model, device=dev, dtype=dt)
+
+    contenders: dict[str, Callable] = {}
+    mods: dict[str, torch.nn.Module] = {}
+    hf_skipped: dict[str, str] = {}
+    if hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            hf_skipped["all"] = "transformers is not installed (pip install transformers)"
+        else:
+            for impl in HF_IMPLEMENTATIONS:
+                if impl == "batched_mm":  # gathers one weight matrix per (token, expert) pair
+                    need = tokens * top_k * 3 * h * d_model * torch.finfo(dt).bits / 8 * 2 / 2**30
+                    if need > memory_limit_gib:
+                        hf_skipped[impl] = f"would gather {need:.0f} GiB of per-token expert weights"
+                        continue
+                try:
+                    mods[f"hf:{impl}"] = _hf_block(impl, d_model, h, experts, top_k, moe, dev, dt)
+                except Exception as exc:  # noqa: BLE001 - an implementation this version lacks
+                    hf_skipped[impl] = f"{type(exc).__name__}: {exc}"
+    mods = {"moe": moe.to(device=dev, dtype=dt), "dense": dense.to(device=dev, dtype=dt), **mods}
+
+    def make(mod):
+        def step():
+            xi = x.detach().requires_grad_(True)
+            out = mod(xi)
+            y = out[0] if isinstance(out, tuple) else out
+            y.backward(gy)
+            for p in mod.parameters():
+                p.grad = None
+        return step
+
+    # outputs agree? (same weights, same routing; dropless top-k is deterministic)
+    hf_max_abs_diff: dict[str, float] = {}
+    with torch.no_grad():
+        ref = mods["moe"](x)[0].float()
+        for name in list(mods):
+            if name.startswith("hf:"):
+                try:
+                    out = mods[name](x)
+                    out = out[0] if isinstance(out, tuple) else out
+                    hf_max_abs_diff[name[3:]] = float((out.float() - ref).abs().max())
+                except Exception as exc:  # noqa: BLE001
+                    hf_skipped[name[3:]] = f"{type(exc).__name__}: {exc}"
+                    del mods[name]
+    for name, mod in mods.items():
+        contenders[name] = make(mod)
+
+    times: dict[str, list[float]] = {n: [] for n in contenders}
+    names = list(contenders)
+    for r in range(warmup + repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no contender always first
+        for n in order:
+            _sync(dev)
+            t0 = time.perf_counter()
+            contenders[n]()
+            _sync(dev)
+            if r >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) * 1000 for n, v in times.items()}
+    peak = measure_peak(dev, dt)
+    fwd_bwd_flops = 3 * 2 * tokens * d_model * top_k * h * 3  # 3 matrices, forward + backward
+    path = dispatch_path
+    if path is None:
+        from .model.dispatch import choose_path
+
+        path = choose_path(x)
+    return {
+        "moe_ms": round(med["moe"], 2), "dense_ms": round(med["dense"], 2),
+        "ratio": round(med["moe"] / med["dense"], 3),
+        "hf": {n[3:]: round(v, 2) for n, v in med.items() if n.startswith("hf:")},
+        "hf_ratio": {n[3:]: round(v / med["dense"], 3) for n, v in med.items() if n.startswith("hf:")},
+        "hf_skipped": hf_skipped, "hf_max_abs_diff": hf_max_abs_diff,
+        "gflops_peak": round(peak, 1),
+        "moe_gflops": round(fwd_bwd_flops / med["moe"] / 1e6, 1),
+        "dense_gflops": round(fwd_bwd_flops / med["dense"] / 1e6, 1),
+        "device": _device_name(dev), "dtype": dtype, "threads": torch.get_num_threads(),
+        "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
+        "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
+        "torch": torch.__version__, "transformers": _version("transformers"),
+    }
