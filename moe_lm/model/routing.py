@@ -63,7 +63,12 @@ def _token_major(top_idx: torch.Tensor, top_w: torch.Tensor, probs_at: torch.Ten
 
 class SoftmaxTopK(nn.Module):
     """GShard / Mixtral: p = softmax(x W^T) over all E experts, keep the top k, renormalise the kept
-    k to sum to 1 (transformers' MixtralTopKRouter, `norm_topk_prob=True`)."""
+    k to sum to 1 (transformers' MixtralTopKRouter, `norm_topk_prob=True`).
+
+    NOTE: with top_k = 1 the renormalised weight is exactly 1 and the router would get no gradient
+    from the model's loss (softmax after top-1). So for k = 1 the weight stays p_i, as in Switch
+    (= Qwen2-MoE's `norm_topk_prob=False`, not Mixtral's arithmetic).
+    """
 
     def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
         super().__init__()
@@ -75,7 +80,7 @@ class SoftmaxTopK(nn.Module):
         logits = _router_linear(x, self.weight)  # (T, E)
         probs = logits.softmax(dim=-1)
         top_p, top_idx = probs.topk(self.top_k, dim=-1)  # (T, k)
-        weight = top_p / top_p.sum(dim=-1, keepdim=True)
+        weight = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
         token, expert, weight, score = _token_major(top_idx, weight, top_p)
         return Routing(token, expert, weight, score, logits, probs, self.top_k)
 
@@ -106,11 +111,18 @@ class NoisyTopK(nn.Module):
 
     W_g and W_noise start at zero, as in the paper: routing begins uniform-at-random through the
     noise (softplus(0) = 0.69) and learns from there.
+
+    NOTE: with k = 1 the paper's gate is softmax over one value = 1: the router then learns only
+    through the load loss (a warning says so); the paper used k >= 2.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        if cfg.top_k == 1:
+            warnings.warn("router noisy_topk with top_k=1: the gate softmax over one kept value is 1, so the "
+                          "router learns only through the shazeer load loss; use top_k >= 2 or the switch router",
+                          stacklevel=2)
         self.w_gate = nn.Parameter(torch.zeros(cfg.n_experts, d_model))
         self.w_noise = nn.Parameter(torch.zeros(cfg.n_experts, d_model))
 

@@ -1,0 +1,215 @@
+"""The shared dispatcher against a plain reference: each token through its chosen experts one by
+one, written out by hand here (no code of moe_lm.model.dispatch is reused).
+
+Checked for every dispatch path, every activation, outputs and gradients (input, expert weights,
+router weights), with empty experts and with capacity drops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_lm.config import MoEConfig
+from moe_lm.model import dispatch
+from moe_lm.model.moe import FeedForward, MoELayer
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def expert_by_hand(x_row: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, activation: str) -> torch.Tensor:
+    """One expert on one row: gate/up then down, in the x @ W layout."""
+    h = x_row @ w_in
+    if activation == "swiglu":
+        hid = w_down.shape[0]
+        a = F.silu(h[:hid]) * h[hid:]
+    elif activation == "relu":
+        a = torch.clamp(h, min=0)
+    else:
+        a = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    return a @ w_down
+
+
+def reference_layer(layer: MoELayer, x: torch.Tensor, capacity: int | None = None,
+                    allowed: list[int] | None = None) -> torch.Tensor:
+    """softmax top-k routing (Mixtral) and per-token, per-assignment expert calls, in Python.
+    capacity: each expert keeps its `capacity` assignments of highest router probability (ties: the
+    earlier token). allowed: experts the router may pick (others masked), to leave experts empty."""
+    ex, k = layer.experts, layer.cfg.top_k
+    logits = x @ layer.router.weight.t()
+    if allowed is not None:
+        mask = torch.full_like(logits, float("-inf"))
+        mask[:, allowed] = 0
+        logits = logits + mask
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.zeros_like(x)
+    chosen = []  # (token, expert, prob, weight)
+    for t in range(x.shape[0]):
+        p_sorted, idx = torch.sort(probs[t], descending=True)
+        top_p = p_sorted[:k]
+        weights = top_p / top_p.sum() if k > 1 else top_p
+        for j in range(k):
+            chosen.append((t, int(idx[j]), float(top_p[j].detach()), weights[j]))
+    if capacity is not None:
+        kept = []
+        for e in range(layer.n_experts):
+            mine = [c for c in chosen if c[1] == e]
+            mine.sort(key=lambda c: (-c[2], c[0]))
+            kept += mine[:capacity]
+        chosen = kept
+    for t, e, _, w in chosen:
+        out[t] = out[t] + w * expert_by_hand(x[t], ex.w_in[e], ex.w_down[e], ex.activation)
+    return out
+
+
+class MaskedRouter(torch.nn.Module):
+    """Wraps a SoftmaxTopK router so that only `allowed` experts can be picked."""
+
+    def __init__(self, router, allowed):
+        super().__init__()
+        self.inner, self.allowed = router, allowed
+        self.weight = router.weight
+
+    def forward(self, x):
+        from moe_lm.model.routing import Routing
+
+        logits = x.float() @ self.weight.t()
+        mask = torch.full_like(logits, float("-inf"))
+        mask[:, self.allowed] = 0
+        probs = torch.softmax(logits + mask, dim=-1)
+        k = self.inner.top_k
+        top_p, top_idx = probs.topk(k, dim=-1)
+        w = top_p / top_p.sum(-1, keepdim=True) if k > 1 else top_p
+        T = x.shape[0]
+        return Routing(torch.arange(T).repeat_interleave(k), top_idx.reshape(-1), w.reshape(-1),
+                       top_p.reshape(-1).detach(), logits, probs, k)
+
+
+def make_layer(activation="swiglu", E=6, k=2, d=16, h=8, cf=None, seed=0) -> MoELayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(n_experts=E, top_k=k, router="softmax_topk", capacity_factor=cf)
+    layer = MoELayer(d, h, activation, cfg, std=0.3, down_std=0.3)
+    with torch.no_grad():
+        layer.router.weight.normal_(std=1.0)
+    return layer
+
+
+def grads_of(fn, layer: MoELayer, x: torch.Tensor):
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (y * g).sum().backward()
+    return [y.detach(), x.grad, layer.router.weight.grad, layer.experts.w_in.grad, layer.experts.w_down.grad]
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu"])
+def test_grouped_dispatch_equals_per_token_reference(path, activation):
+    layer = make_layer(activation)
+    layer.dispatch_path = path
+    x = torch.randn(24, 16)
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    ref = grads_of(lambda x: reference_layer(layer, x), layer, x)
+    for name, a, b in zip(["output", "d input", "d router", "d w_in", "d w_down"], ours, ref):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+def test_dispatch_with_empty_experts(path):
+    layer = make_layer("swiglu", E=8, k=2)
+    allowed = [1, 4, 5]  # experts 0, 2, 3, 6, 7 receive nothing
+    layer.router = MaskedRouter(layer.router, allowed)
+    layer.dispatch_path = path
+    x = torch.randn(20, 16)
+    y, stats = layer(x)
+    assert stats.load[[0, 2, 3, 6, 7]].sum() == 0 and stats.load.sum() == 40
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    ref = grads_of(lambda x: reference_layer(layer, x, allowed=allowed), layer, x)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL)
+    assert layer.experts.w_in.grad[[0, 2, 3, 6, 7]].abs().sum() == 0  # no gradient without tokens
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+def test_capacity_drops_the_lowest_probability_assignments_and_dropped_tokens_pass_through_zero(path):
+    cf = 0.5
+    layer = make_layer("swiglu", E=4, k=2, cf=cf)
+    layer.dispatch_path = path
+    x = torch.randn(32, 16)
+    C = math.ceil(cf * 32 * 2 / 4)
+    y, stats = layer(x)
+    assert stats.dropped_frac > 0.3 and stats.load.max() <= C
+    torch.testing.assert_close(stats.dropped_frac, torch.tensor(1 - float(stats.load.sum()) / 64))
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    ref = grads_of(lambda x: reference_layer(layer, x, capacity=C), layer, x)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL)
+    # a token that lost all its assignments contributes exactly zero (the residual carries it)
+    assert (y.abs().sum(-1) == 0).any()
+
+
+def test_fused_and_grouped_paths_agree_on_a_bigger_layer():
+    if "grouped_mm" not in dispatch.PATHS:
+        pytest.skip("this torch has no grouped_mm")
+    layer = make_layer("swiglu", E=16, k=4, d=64, h=32)
+    x = torch.randn(256, 64)
+    out = {}
+    for path in dispatch.PATHS:
+        layer.dispatch_path = path
+        out[path] = grads_of(lambda x: layer(x)[0], layer, x)
+    for a, b in zip(out["fused"], out["grouped_mm"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_expert_top1_equals_the_dense_ffn_with_the_same_weights():
+    torch.manual_seed(1)
+    d, h = 16, 12
+    layer = MoELayer(d, h, "swiglu", MoEConfig(n_experts=1, top_k=1, router="softmax_topk"), 0.3, 0.3)
+    dense = FeedForward(d, h, "swiglu", 0.3, 0.3)
+    with torch.no_grad():
+        dense.gate_proj.weight.copy_(layer.experts.w_gate_up[0, :, :h].t())
+        dense.up_proj.weight.copy_(layer.experts.w_gate_up[0, :, h:].t())
+        dense.down_proj.weight.copy_(layer.experts.w_down[0].t())
+    x = torch.randn(2, 10, d)
+    torch.testing.assert_close(layer(x)[0], dense(x), **TOL)
+
+
+def test_top_k_equal_to_n_experts_is_the_full_softmax_mixture():
+    """y = Σ_e softmax(x W^T)_e · FFN_e(x), written out."""
+    layer = make_layer("swiglu", E=4, k=4)
+    x = torch.randn(12, 16)
+    probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
+    ex = layer.experts
+    y = torch.zeros_like(x)
+    for e in range(4):
+        g = x @ ex.w_gate_up[e][:, :8]
+        u = x @ ex.w_gate_up[e][:, 8:]
+        y += probs[:, e:e + 1] * ((g * torch.sigmoid(g) * u) @ ex.w_down[e])
+    torch.testing.assert_close(layer(x)[0], y, **TOL)
+
+
+def test_shared_experts_add_an_always_on_ffn():
+    torch.manual_seed(2)
+    cfg = MoEConfig(n_experts=4, top_k=2, n_shared_experts=2)
+    layer = MoELayer(16, 8, "swiglu", cfg, 0.3, 0.3)
+    x = torch.randn(10, 16)
+    routed = MoELayer(16, 8, "swiglu", MoEConfig(n_experts=4, top_k=2), 0.3, 0.3)
+    routed.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("shared")})
+    assert layer.shared_experts.up_proj.weight.shape == (16, 16)  # 2 shared experts of width 8
+    torch.testing.assert_close(layer(x)[0], routed(x)[0] + layer.shared_experts(x), **TOL)
+
+
+def test_bf16_autocast_runs_experts_in_bf16_with_router_math_in_float32():
+    layer = make_layer("swiglu")
+    x = torch.randn(24, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = layer.router(x.bfloat16())
+        y, stats = layer(x)
+    assert r.logits.dtype == torch.float32 and r.weight.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x)[0], rtol=0.05, atol=0.05)

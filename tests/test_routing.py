@@ -1,0 +1,224 @@
+"""Routers: each one's equations, its gradient, and causality."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from moe_lm.config import MoEConfig, ModelConfig
+from moe_lm.model.moe import MoELayer
+from moe_lm.model.routing import ROUTERS, ExpertChoice, NoisyTopK, SigmoidBias, SoftmaxTopK, Switch
+from moe_lm.model.transformer import Transformer
+
+TOKEN_CHOICE = ["noisy_topk", "softmax_topk", "switch", "sigmoid_bias"]
+
+
+def moe_cfg(router: str, **kw) -> MoEConfig:
+    top_k = kw.pop("top_k", 2)
+    top_k = 1 if router == "switch" else top_k
+    cf = kw.pop("capacity_factor", 2.0 if router == "expert_choice" else None)
+    return MoEConfig(n_experts=kw.pop("n_experts", 4), top_k=top_k, router=router, capacity_factor=cf, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def test_a_plain_mapping_names_every_config_router():
+    assert ROUTERS == {"noisy_topk": NoisyTopK, "softmax_topk": SoftmaxTopK, "switch": Switch,
+                       "expert_choice": ExpertChoice, "sigmoid_bias": SigmoidBias}
+
+
+def test_softmax_topk_is_mixtral_renormalised_top_k():
+    torch.manual_seed(0)
+    r = SoftmaxTopK(8, moe_cfg("softmax_topk", top_k=2))
+    x = torch.randn(5, 8)
+    out = r(x)
+    p = torch.softmax(x @ r.weight.t(), -1)
+    for t in range(5):
+        top = sorted(range(4), key=lambda e: -float(p[t, e]))[:2]
+        w = out.weight[out.token == t]
+        assert out.expert[out.token == t].tolist() == top
+        torch.testing.assert_close(w, p[t, top] / p[t, top].sum())
+
+
+def test_noisy_topk_eq_3_to_5_softmax_over_the_kept_k_and_noise_only_in_training():
+    torch.manual_seed(0)
+    r = NoisyTopK(8, moe_cfg("noisy_topk", top_k=2))
+    assert r.w_gate.abs().sum() == 0 and r.w_noise.abs().sum() == 0  # the paper's zero init
+    with torch.no_grad():
+        r.w_gate.normal_()
+        r.w_noise.normal_()
+    x = torch.randn(6, 8)
+    out = r(x)
+    H = out.noisy_logits
+    expected_std = torch.nn.functional.softplus(x @ r.w_noise.t())
+    torch.testing.assert_close(out.noise_std, expected_std)
+    assert not torch.allclose(H, out.logits)  # noise in training
+    for t in range(6):
+        kept = torch.topk(H[t], 2)
+        torch.testing.assert_close(out.weight[out.token == t], torch.softmax(kept.values, -1))
+    r.eval()
+    out = r(x)
+    torch.testing.assert_close(out.noisy_logits, x @ r.w_gate.t())  # no noise at evaluation
+
+
+def test_switch_weight_is_the_router_probability_not_renormalised():
+    torch.manual_seed(0)
+    r = Switch(8, moe_cfg("switch"))
+    x = torch.randn(6, 8)
+    out = r(x)
+    p = torch.softmax(x @ r.weight.t(), -1)
+    torch.testing.assert_close(out.weight, p.max(-1).values)
+    assert (out.weight < 1).all()
+
+
+def test_expert_choice_each_expert_takes_its_top_c_tokens_by_score():
+    torch.manual_seed(0)
+    cfg = moe_cfg("expert_choice", capacity_factor=1.5)
+    r = ExpertChoice(8, cfg)
+    x = torch.randn(10, 8)
+    out = r(x)
+    C = math.ceil(10 * 1.5 / 4)
+    p = torch.softmax(x @ r.weight.t(), -1)
+    for e in range(4):
+        mine = out.token[out.expert == e]
+        assert len(mine) == C
+        assert set(mine.tolist()) == set(torch.topk(p[:, e], C).indices.tolist())
+        torch.testing.assert_close(out.weight[out.expert == e], p[mine, e])
+
+
+def test_expert_choice_warns_that_routing_sees_later_tokens():
+    ExpertChoice._warned = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ExpertChoice(8, moe_cfg("expert_choice"))
+    assert any("later tokens" in str(w.message) for w in caught)
+
+
+def test_sigmoid_bias_weights_are_the_chosen_scores_normalised_and_the_bias_only_steers_the_choice():
+    torch.manual_seed(0)
+    r = SigmoidBias(8, moe_cfg("sigmoid_bias", top_k=2))
+    x = torch.randn(6, 8)
+    s = torch.sigmoid(x @ r.weight.t())
+    with torch.no_grad():
+        r.bias.copy_(torch.tensor([5.0, 0.0, 0.0, -5.0]))  # expert 0 always, expert 3 never chosen
+    out = r(x)
+    for t in range(6):
+        chosen = out.expert[out.token == t].tolist()
+        assert 0 in chosen and 3 not in chosen
+        torch.testing.assert_close(out.weight[out.token == t], s[t, chosen] / s[t, chosen].sum())
+
+
+def test_sigmoid_bias_update_rule_moves_toward_balance_outside_autograd():
+    torch.manual_seed(0)
+    cfg = moe_cfg("sigmoid_bias", top_k=1, bias_update_rate=0.01)
+    layer = MoELayer(8, 4, "swiglu", cfg, 0.02, 0.02)
+    r = layer.router
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[2] = 1.0
+    x = torch.randn(64, 8).abs()  # every token prefers expert 2
+    y, stats = layer(x)
+    y.sum().backward()
+    assert r.bias.grad is None and not r.bias.requires_grad and "bias" not in dict(r.named_parameters())
+    assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+    before = r.bias.clone()
+    assert torch.equal(r.bias, before)  # the forward and backward left it alone
+    r.update_bias()
+    delta = r.bias - before
+    assert delta[2] == pytest.approx(-0.01) and all(delta[e] == pytest.approx(0.01) for e in (0, 1, 3))
+    assert r.load_since_update.sum() == 0  # counted afresh for the next step
+    r.update_bias()  # nothing seen since: no move
+    assert torch.allclose(r.bias, before + delta)
+
+
+def test_transformer_update_router_biases_reaches_every_sigmoid_router():
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, ffn_hidden=8,
+                      moe=moe_cfg("sigmoid_bias", bias_update_rate=0.1))
+    model = Transformer(cfg)
+    model(torch.randint(0, 32, (2, 8)))
+    model.update_router_biases()
+    for layer in model.moe_layers():
+        assert layer.router.bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_every_router_gets_a_gradient_on_its_gate_weights_from_the_output(router):
+    """The model's loss alone (no balance loss) must reach the router."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, "swiglu", moe_cfg(router, balance_loss="none"), 0.3, 0.3)
+    x = torch.randn(32, 8)
+    y, _ = layer(x)
+    (y * torch.randn_like(y)).sum().backward()
+    gate = layer.router.w_gate if router == "noisy_topk" else layer.router.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    if router == "noisy_topk":
+        assert layer.router.w_noise.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["switch", "softmax_topk"])
+def test_top_1_keeps_the_probability_as_weight_so_the_router_learns(router):
+    """The trap: softmax (or renormalisation) after top-1 makes every weight exactly 1 and the
+    router's gradient exactly 0."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, "swiglu", moe_cfg(router, top_k=1, balance_loss="none"), 0.3, 0.3)
+    x = torch.randn(32, 8)
+    r = layer.router(x)
+    assert (r.weight < 1).all()
+    y, _ = layer(x)
+    y.sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    # the trap itself, written out: renormalised top-1 weights are constant 1, gradient 0
+    w = layer.router.weight.detach().clone().requires_grad_(True)
+    top = torch.softmax(x @ w.t(), -1).max(-1, keepdim=True).values
+    (top / top.sum(-1, keepdim=True)).sum().backward()
+    assert w.grad.abs().max() < 1e-6
+
+
+def tiny_model(router: str, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=12,
+                      moe=moe_cfg(router, n_experts=4))
+    model = Transformer(cfg)
+    with torch.no_grad():  # routers that start at zero (noisy_topk) or near-uniform: make them decide
+        for layer in model.moe_layers():
+            for p in layer.router.parameters():
+                p.normal_(std=1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+def test_token_choice_routers_are_causal_changing_token_t_plus_1_leaves_outputs_up_to_t(router):
+    model = tiny_model(router)
+    idx = torch.randint(0, 50, (3, 12))
+    t = 5
+    changed = idx.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 7) % 50
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a.logits[:, :t + 1], b.logits[:, :t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(a.logits[:, t + 1:], b.logits[:, t + 1:])
+
+
+def test_expert_choice_leaks_later_tokens_into_earlier_outputs():
+    """Each expert picks its top-C tokens of the whole batch: later tokens that the expert likes
+    more push an earlier token out of it, which changes the earlier token's output."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, "swiglu", moe_cfg("expert_choice", n_experts=2, capacity_factor=1.0), 0.3, 0.3)
+    v = torch.randn(8)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.stack([v, -v]))  # p(expert 0) = sigmoid(2 x·v)
+    x = torch.randn(1, 8, 8) * 0.1
+    x[0, 0] = 0.5 * v  # token 0 leans to expert 0; C = 8 · 1.0 / 2 = 4
+    later = x.clone()
+    later[0, 4:] = 2.0 * v  # the last 4 tokens lean to expert 0 much more
+    y_a, _ = layer(x)
+    y_b, _ = layer(later)
+    assert not torch.allclose(y_a[0, 0], y_b[0, 0])  # position 0 changed because of positions 4..7
