@@ -208,3 +208,25 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
         "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
         "torch": torch.__version__, "transformers": _version("transformers"),
     }
+
+
+def render_layer(r: dict, console) -> None:
+    """A table of bench_layer's result."""
+    from rich.table import Table
+
+    t = Table(title=f"MoE layer forward+backward: {r['tokens']:,} tokens, d_model {r['d_model']}, "
+                    f"{r['experts']} experts top-{r['top_k']} x {r['ffn_hidden']} (SwiGLU) "
+                    f"vs dense {r['dense_hidden']}; {r['device']}, {r['dtype']}")
+    for col in ("layer", "median ms", "/ dense", "GFLOP/s"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    flops = r["moe_gflops"] * r["moe_ms"]  # MFLOP, the same work for every row
+    t.add_row(f"moe-lm MoE ({r['dispatch']})", f"{r['moe_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['moe_gflops']:.0f}")
+    t.add_row("dense FFN, equal active width", f"{r['dense_ms']:.1f}", "1.000", f"{r['dense_gflops']:.0f}")
+    for impl, ms in r["hf"].items():
+        t.add_row(f"transformers Mixtral block ({impl})", f"{ms:.1f}", f"{r['hf_ratio'][impl]:.3f}", f"{flops / ms:.0f}")
+    console.print(t)
+    for impl, why in r["hf_skipped"].items():
+        console.print(f"transformers {impl}: skipped ({why})", markup=False, highlight=False)
+    console.print(f"matmul peak {r['gflops_peak']:.0f} GFLOP/s; median of {r['repeats']} interleaved rounds after "
+                  f"{r['warmup']} warm-up rounds; torch {r['torch']}, transformers {r['transformers']}",
+                  markup=False, highlight=False)

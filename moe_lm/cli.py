@@ -141,6 +141,48 @@ def info(
     render_info(cfg, vocab_size=vocab_size, console=console)
 
 
+# ---------------------------------------------------------------------------------------------
+# bench
+
+bench_app = typer.Typer(help="Benchmarks: the MoE layer against dense and transformers (more: see benchmarks/).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("layer")
+def bench_layer_cmd(
+    d_model: int = typer.Option(512, "--d-model", help="Hidden size."),
+    tokens: int = typer.Option(8192, "--tokens", help="Tokens per forward (batch x sequence)."),
+    experts: int = typer.Option(8, "--experts", help="Routed experts."),
+    top_k: int = typer.Option(2, "--top-k", help="Experts per token."),
+    ffn_hidden: Optional[int] = typer.Option(None, "--ffn-hidden", help="Width of each expert (default 4·d_model/top_k; the dense FFN is top_k times wider)."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed rounds (the median counts)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds first."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | grouped_mm (default: the measured rule)."),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time transformers' MixtralSparseMoeBlock when installed."),
+    tune_malloc: bool = typer.Option(False, "--tune-malloc", help="glibc: keep freed memory in the heap (no page faults on large allocations), for every contender."),
+    json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Forward+backward time of one MoE layer vs the dense FFN of equal active width and vs transformers' Mixtral block."""
+    import json
+
+    from .bench import bench_layer, render_layer, tune_malloc as _tune
+
+    if tune_malloc:
+        _tune()
+    r = bench_layer(d_model=d_model, tokens=tokens, experts=experts, top_k=top_k, ffn_hidden=ffn_hidden,
+                    repeats=repeats, warmup=warmup, threads=threads, device=device, dtype=dtype,
+                    dispatch_path=dispatch, hf=hf)
+    r["tune_malloc"] = tune_malloc
+    if json_out:
+        console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
+    else:
+        render_layer(r, console)
+
+
 def run() -> None:
     """Console-script entry point: run the app, turning user errors into one line + exit 2."""
     try:

@@ -103,67 +103,109 @@ def _act_backward(h: torch.Tensor, da: torch.Tensor, activation: str, hid: int,
     return torch.ops.aten.gelu_backward(da, h)
 
 
+# NOTE: experts whose rows together fit this many bytes of activations run as one block: their
+# elementwise work (activation, scaling, gather, scatter) is one call each instead of one per
+# expert - the difference for small experts; a bigger expert is a block of its own (no split).
+BLOCK_BYTES = 4 << 20
+
+
+def plan_blocks(sizes: list[int], row_bytes: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Group consecutive experts into blocks of rows: [(start, end, [(expert, start, end), ...])]
+    over the expert-sorted assignments; empty experts are left out."""
+    max_rows = max(1, BLOCK_BYTES // max(1, row_bytes))
+    blocks: list = []
+    segs: list = []
+    block_start = start = 0
+    for e, n in enumerate(sizes):
+        if n == 0:
+            continue
+        if segs and start + n - block_start > max_rows:
+            blocks.append((block_start, start, segs))
+            segs, block_start = [], start
+        segs.append((e, start, start + n))
+        start += n
+    if segs:
+        blocks.append((block_start, start, segs))
+    return blocks
+
+
 class ExpertsFFN(torch.autograd.Function):
     """The "fused" path. Inputs sorted by expert: token_s (A,), weight_s (A,), sizes (E ints).
 
-    Forward, per expert e with rows R_e:   h_e = x[R_e] @ w_in[e];  y_e = act(h_e) @ w_down[e];
-                                           out.index_add_(R_e, weight_e · y_e)
-    Saved: h_e and y_e (unscaled) per expert - y_e gives dL/dweight = <g[R_e], y_e> without a matmul.
+    Forward, per expert e with rows R_e:   h_e = x[R_e] @ w_in[e];  a_e = act(h_e);
+                                           y_e = a_e @ w_down[e];   out.index_add_(R_e, weight_e · y_e)
+    run block by block (plan_blocks). Saved per block: h, a, silu(gate) (SwiGLU) and y (unscaled:
+    dL/dweight = <g[R_e], y_e> without a matmul) - about what autograd keeps for a dense FFN.
     """
 
     @staticmethod
     def forward(ctx, x, weight_s, w_in, w_down, token_s, sizes, activation):
-        hid = w_down.shape[1]
+        hid, d, width = w_down.shape[1], x.shape[1], w_in.shape[2]
+        blocks = plan_blocks(sizes, x.element_size() * (width + 2 * hid + d))
         out = torch.zeros_like(x)
-        hs, ys = [], []
-        start = 0
-        for e, n in enumerate(sizes):
-            h = y = None
-            if n:
-                rows = token_s[start:start + n]
-                h = torch.mm(x.index_select(0, rows), w_in[e])  # (n, 2h | h)
-                y = torch.mm(_act(h, activation, hid), w_down[e])  # (n, d)
-                out.index_add_(0, rows, y * weight_s[start:start + n, None].to(y.dtype))
-            hs.append(h)
-            ys.append(y)
-            start += n
-        ctx.sizes, ctx.activation = sizes, activation
-        ctx.save_for_backward(x, weight_s, w_in, w_down, token_s, *hs, *ys)
+        saved = []
+        for s, e, segs in blocks:
+            rows = token_s[s:e]
+            xb = x.index_select(0, rows)
+            h = x.new_empty(e - s, width)
+            for ex, a, b in segs:
+                torch.mm(xb[a - s:b - s], w_in[ex], out=h[a - s:b - s])
+            if activation == "swiglu":
+                sg = F.silu(h[:, :hid])
+                act = sg * h[:, hid:]
+            else:
+                sg, act = None, _act(h, activation, hid)
+            y = x.new_empty(e - s, d)
+            for ex, a, b in segs:
+                torch.mm(act[a - s:b - s], w_down[ex], out=y[a - s:b - s])
+            out.index_add_(0, rows, y * weight_s[s:e, None].to(y.dtype))
+            saved += [h, act, sg, y]
+        ctx.blocks, ctx.activation = blocks, activation
+        ctx.empty_experts = [e for e, n in enumerate(sizes) if n == 0]
+        ctx.save_for_backward(x, weight_s, w_in, w_down, token_s, *saved)
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, weight_s, w_in, w_down, token_s, *saved = ctx.saved_tensors
-        E = len(ctx.sizes)
-        hs, ys = saved[:E], saved[E:]
-        act, hid = ctx.activation, w_down.shape[1]
+        act_name, hid = ctx.activation, w_down.shape[1]
         need_x, need_w, need_win, need_wd = ctx.needs_input_grad[:4]
         g = g.contiguous()
         dx = torch.zeros_like(x) if need_x else None
-        dw = torch.empty(weight_s.shape, dtype=g.dtype, device=g.device) if need_w else None
-        dwin = torch.zeros_like(w_in) if need_win else None
-        dwd = torch.zeros_like(w_down) if need_wd else None
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            if n == 0:
-                continue
-            rows = token_s[start:start + n]
-            h = hs[e]
-            ge = g.index_select(0, rows)  # (n, d)
+        dw = torch.zeros(weight_s.shape, dtype=g.dtype, device=g.device) if need_w else None
+        # NOTE: empty, not zeros: a (64, 512, 1024) zero fill is a page-faulting 128 MiB write;
+        # only the experts without rows are zeroed.
+        dwin = torch.empty_like(w_in) if need_win else None
+        dwd = torch.empty_like(w_down) if need_wd else None
+        for e in ctx.empty_experts:
+            for grad in (dwin, dwd):
+                if grad is not None:
+                    grad[e].zero_()
+        for i, (s, e, segs) in enumerate(ctx.blocks):
+            h, act, sg, y = saved[4 * i:4 * i + 4]
+            rows = token_s[s:e]
+            gb = g.index_select(0, rows)  # (n, d)
             if need_w:
-                torch.linalg.vecdot(ge, ys[e], out=dw[start:start + n])
-            ge.mul_(weight_s[start:start + n, None].to(ge.dtype))  # now dL/dy_e
-            s = F.silu(h[:, :hid]) if act == "swiglu" else None
+                torch.linalg.vecdot(gb, y, out=dw[s:e])
+            gb.mul_(weight_s[s:e, None].to(gb.dtype))  # now dL/dy
             if need_wd:
-                a = s * h[:, hid:] if s is not None else _act(h, act, hid)
-                torch.mm(a.t(), ge, out=dwd[e])
-            if need_x or need_win:
-                dh = _act_backward(h, torch.mm(ge, w_down[e].t()), act, hid, s)
-                if need_win:
-                    torch.mm(x.index_select(0, rows).t(), dh, out=dwin[e])
-                if need_x:
-                    dx.index_add_(0, rows, torch.mm(dh, w_in[e].t()))
-            start += n
+                for ex, a, b in segs:
+                    torch.mm(act[a - s:b - s].t(), gb[a - s:b - s], out=dwd[ex])
+            if not (need_x or need_win):
+                continue
+            da = x.new_empty(e - s, hid)
+            for ex, a, b in segs:
+                torch.mm(gb[a - s:b - s], w_down[ex].t(), out=da[a - s:b - s])
+            dh = _act_backward(h, da, act_name, hid, sg)
+            if need_win:
+                xb = x.index_select(0, rows)
+                for ex, a, b in segs:
+                    torch.mm(xb[a - s:b - s].t(), dh[a - s:b - s], out=dwin[ex])
+            if need_x:
+                dxb = x.new_empty(e - s, x.shape[1])
+                for ex, a, b in segs:
+                    torch.mm(dh[a - s:b - s], w_in[ex].t(), out=dxb[a - s:b - s])
+                dx.index_add_(0, rows, dxb)
         if dw is not None:
             dw = dw.to(weight_s.dtype)
         return dx, dw, dwin, dwd, None, None, None
