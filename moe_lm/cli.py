@@ -68,9 +68,10 @@ def prepare(
     data_files: Optional[str] = typer.Option(None, "--data-files", help="Local files: a glob of txt, jsonl, json or parquet files."),
     name: Optional[str] = typer.Option(None, "--name", help="Output name: writes data/<name>/ (default: the source's name)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (instead of data/<name>/)."),
-    vocab_size: int = typer.Option(8192, "--vocab-size", help="Size of the byte-level BPE vocabulary to train."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Size of the byte-level BPE vocabulary to train [default: 8192; with --tokenizer: its size].", show_default=False),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Reuse this tokenizer.json instead of training one."),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of documents held out for validation (by a hash of each document)."),
+    test_fraction: float = typer.Option(0.02, "--test-fraction", help="Share of documents held out for test.bin when the source has no test split of its own (0 = none)."),
     max_documents: Optional[int] = typer.Option(None, "--max-documents", help="Read at most this many documents."),
     max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Read at most this many bytes of text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -85,10 +86,16 @@ def prepare(
     opts = PrepareOptions(
         dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
         streaming=streaming, data_files=data_files, name=name, out=out, vocab_size=vocab_size,
-        tokenizer=tokenizer, val_fraction=val_fraction, max_documents=max_documents,
-        max_bytes=max_bytes, overwrite=overwrite,
+        tokenizer=tokenizer, val_fraction=val_fraction, test_fraction=test_fraction,
+        max_documents=max_documents, max_bytes=max_bytes, overwrite=overwrite,
     )
-    summary = prepare_corpus(opts, console=console)
+    try:
+        summary = prepare_corpus(opts, console=console)
+    except KeyboardInterrupt:
+        # NOTE: prepare removed its temporary folder. SystemExit, because typer turns a
+        # KeyboardInterrupt into a returned 130 that run() would drop (exit 0).
+        err_console.print("interrupted: nothing was written")
+        raise SystemExit(130) from None
     render_summary(summary, console=console)
 
 

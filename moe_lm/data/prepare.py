@@ -1,0 +1,578 @@
+"""The `prepare` command's library side: source -> tokenizer -> token shards, written atomically.
+
+    summary = prepare_corpus(PrepareOptions())          # the built-in corpus -> data/builtin/
+    render_summary(summary, console)
+
+The recipe, top to bottom:
+1. resolve the output folder and refuse an existing one (unless overwrite);
+2. open the source (built-in corpus, HF dataset or local files; see sources.py);
+3. pass 1: train a byte-level BPE on the training documents (or load --tokenizer);
+4. pass 2: read the documents again, give each a split by a hash of its text (or take the
+   source's own split), tokenise in batches and append to `<split>.bin` (+ `<split>.domains.bin`);
+5. write meta.json, then rename the temporary folder into place.
+Everything is built in a hidden sibling folder `.<name>.tmp-XXXX`; any error or Ctrl-C removes
+it, so `data/<name>/` is either the old folder, the new one, or absent, never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import __version__
+from ..errors import DataError
+from . import sources as src
+from .shards import DOMAIN_DTYPE, META, TOKENIZER, ShardWriter, token_dtype
+from .tokenizer import EOT, MIN_VOCAB, encode_batch, eot_id, load_tokenizer, train_tokenizer
+
+DEFAULT_VOCAB = 8192
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PrepareOptions:
+    """What the `prepare` command was asked for. Every field has the CLI's default."""
+
+    dataset: Optional[str] = None  # HF dataset name (or a local dataset folder)
+    dataset_config: Optional[str] = None
+    split: Optional[str] = None  # the HF split to train on (default "train")
+    text_column: str = "text"
+    streaming: bool = False
+    data_files: Optional[str] = None  # a glob of txt / jsonl / json / parquet files
+    name: Optional[str] = None  # data/<name>/; default: the source's name
+    out: Optional[Path] = None  # an explicit output folder instead of data/<name>/
+    vocab_size: Optional[int] = None  # None = 8192, or the size of --tokenizer
+    tokenizer: Optional[Path] = None  # reuse this tokenizer.json
+    val_fraction: float = 0.05  # documents held out for validation (when the source has no own split)
+    test_fraction: float = 0.02  # documents held out for test (when the source has no own split); 0 = none
+    max_documents: Optional[int] = None  # cap on documents read (per stream of the source)
+    max_bytes: Optional[int] = None  # cap on UTF-8 bytes of text read (per stream)
+    overwrite: bool = False
+    tokenizer_sample_bytes: int = 200_000_000  # train the BPE on at most this much training text
+    batch_bytes: int = 1 << 20  # text per encode_batch call (and per append to the shards)
+    data_root: Path = Path("data")  # where data/<name>/ lives
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    bytes: int = 0
+    tokens: int = 0  # EOTs included
+
+
+@dataclass
+class PrepareSummary:
+    out_dir: Path
+    meta: dict
+    splits: dict[str, SplitStats]
+    seconds: dict[str, float]  # tokenizer, tokenise, total
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.splits.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.splits.values())
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.splits.values())
+
+    @property
+    def tokenise_mb_s(self) -> float:
+        """Text MB per second of pass 2 (read + encode + write)."""
+        return self.bytes / 1e6 / max(self.seconds["tokenise"], 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> PrepareSummary:
+    """Prepare the corpus `opts` names into its output folder; returns the figures for the summary."""
+    console = console or Console(file=io.StringIO())
+    t_start = time.perf_counter()
+    _check_options(opts)
+    out = _output_dir(opts)
+    if out.exists() and not opts.overwrite:
+        raise DataError(f"output folder {out} already exists",
+                        "pass --overwrite to replace it, or --name / --out to write elsewhere")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output path {out} is a file, not a folder", "pass another --name or --out")
+    tok = load_tokenizer(opts.tokenizer) if opts.tokenizer is not None else None
+    if tok is not None and opts.vocab_size is not None and opts.vocab_size != tok.get_vocab_size():
+        raise DataError(f"--vocab-size {opts.vocab_size} does not match tokenizer {opts.tokenizer}, "
+                        f"which has {tok.get_vocab_size()} tokens",
+                        "leave out --vocab-size when reusing a tokenizer")
+
+    source = src.open_source(opts.dataset, opts.dataset_config, opts.split, opts.text_column,
+                             opts.streaming, opts.data_files)
+    splits = _split_plan(source, opts)
+
+    created = _make_parents(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # NOTE: mkdtemp makes it 0700; the result is an ordinary folder
+        with _progress(console) as progress:
+            cache: dict[int, list[src.Document]] = {}  # streams read whole in pass 1
+            skipped: dict[int, int] = {}  # empty documents per stream
+            t0 = time.perf_counter()
+            if tok is None:
+                tok, trained_on = _train(source, opts, splits, cache, skipped, progress, console)
+                tok.save(str(tmp / TOKENIZER))
+                tok = load_tokenizer(tmp / TOKENIZER)  # NOTE: as every later user will see it
+            else:
+                shutil.copyfile(opts.tokenizer, tmp / TOKENIZER)
+                trained_on = None
+            t_tok = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stats, files, domains = _tokenise(source, opts, splits, cache, skipped, tok, tmp, progress, console)
+            t_enc = time.perf_counter() - t0
+        _check_splits(stats, splits, source)
+        seconds = {"tokenizer": t_tok, "tokenise": t_enc}
+        meta = _meta(opts, out, source, splits, tok, trained_on, stats, files, domains, seconds, tmp)
+        meta["skipped_empty_documents"] = sum(skipped.values())
+        seconds["total"] = time.perf_counter() - t_start
+        meta["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        _move_into_place(tmp, out, opts.overwrite)
+    except BaseException:  # NOTE: Ctrl-C too: no half-written folder may survive
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(created)
+        raise
+    return PrepareSummary(out, meta, stats, seconds, notes=list(source.notes))
+
+
+def _check_options(o: PrepareOptions) -> None:
+    for flag, v in (("--val-fraction", o.val_fraction), ("--test-fraction", o.test_fraction)):
+        if not 0 <= v < 1:
+            raise DataError(f"{flag} {v} is out of range", "use a fraction in [0, 1), e.g. 0.05")
+    if o.val_fraction + o.test_fraction >= 1:
+        raise DataError(f"--val-fraction {o.val_fraction} + --test-fraction {o.test_fraction} leave no training documents",
+                        "keep their sum below 1, e.g. 0.05 and 0.02")
+    for flag, v in (("--max-documents", o.max_documents), ("--max-bytes", o.max_bytes)):
+        if v is not None and v < 1:
+            raise DataError(f"{flag} {v} must be ≥ 1", "or leave it out for no cap")
+    if o.vocab_size is not None and not MIN_VOCAB <= o.vocab_size <= 2**32:
+        raise DataError(f"--vocab-size {o.vocab_size} is out of range",
+                        f"a byte-level BPE needs between {MIN_VOCAB} and 2^32 tokens; 8192 is the default")
+    if o.name is not None and (not o.name or o.name.startswith(".") or any(c in o.name for c in "/\\")):
+        raise DataError(f"--name '{o.name}' is not a folder name", "use a plain name such as 'notes' (or --out DIR)")
+
+
+def _output_dir(o: PrepareOptions) -> Path:
+    if o.out is not None:
+        return Path(o.out)
+    return Path(o.data_root) / (o.name or src.default_name(o.dataset, o.dataset_config, o.data_files))
+
+
+def _split_plan(source: src.Source, o: PrepareOptions) -> dict:
+    """Which splits exist and how each is made: {"train": "rest", "val": "hash" | <own split name>, ...}."""
+    own = {s.split: s.label for s in source.streams if s.split is not None}
+    plan = {"train": "rest"}  # what the hash leaves of the training stream
+    plan["val"] = own.get("val", "hash" if o.val_fraction > 0 else None)
+    plan["test"] = own.get("test", "hash" if o.test_fraction > 0 else None)
+    if plan["val"] is None:
+        raise DataError("--val-fraction 0 leaves no validation split (this source has none of its own)",
+                        "training needs one: use e.g. --val-fraction 0.05")
+    return {k: v for k, v in plan.items() if v is not None}
+
+
+def hash_fraction(data: bytes) -> float:
+    """A document's place in [0, 1): the first 8 bytes of its BLAKE2b hash. Stable across runs,
+    platforms and Python versions (unlike hash()), and equal texts always land together."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") / 2**64
+
+
+def assign_split(data: bytes, val_fraction: float, test_fraction: float, own: tuple[str, ...] = ()) -> str:
+    """train / val / test for a document of the hashed stream. Fractions of splits the source
+    supplies itself (`own`) are not carved out of it."""
+    u = hash_fraction(data)
+    test = 0.0 if "test" in own else test_fraction
+    val = 0.0 if "val" in own else val_fraction
+    if u < test:
+        return "test"
+    if u < test + val:
+        return "val"
+    return "train"
+
+
+def _documents(stream: src.Stream, o: PrepareOptions, skipped: dict, key: int) -> Iterator[tuple[src.Document, bytes]]:
+    """A stream's non-empty documents with their UTF-8 bytes, within --max-documents / --max-bytes.
+
+    skipped[key]: how many empty documents this reading of the stream has skipped so far.
+    """
+    n, total = 0, 0
+    skipped[key] = 0
+    for doc in stream.read():
+        if not doc.text:
+            skipped[key] += 1
+            continue
+        data = doc.text.encode("utf-8", "surrogatepass")
+        if o.max_bytes is not None and total + len(data) > o.max_bytes:
+            return  # NOTE: never cut a document; stop before the one that would pass the cap
+        yield doc, data
+        n, total = n + 1, total + len(data)
+        if o.max_documents is not None and n >= o.max_documents:
+            return
+
+
+def _hashed_split(stream: src.Stream, data: bytes, o: PrepareOptions, splits: dict) -> str:
+    if stream.split is not None:
+        return stream.split
+    own = tuple(k for k, v in splits.items() if v not in ("hash", "rest"))
+    return assign_split(data, o.val_fraction if "val" in splits else 0.0,
+                        o.test_fraction if "test" in splits else 0.0, own)
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 1: the tokenizer
+
+
+def _train(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, skipped: dict,
+           progress: "_Progress", console: Console):
+    """Train the BPE on the training documents (the first `tokenizer_sample_bytes` of them).
+
+    Streams read whole within the cap are kept in `cache` so pass 2 need not read them again.
+    """
+    vocab = o.vocab_size or DEFAULT_VOCAB
+    seen = {"documents": 0, "bytes": 0, "sampled": False}
+    progress.start("training tokenizer", source.total_bytes, o)
+    console_line(console, progress, f"reading {src.describe_stream_source(source)}")
+    console_line(console, progress, f"training a byte-level BPE tokenizer (vocab {vocab}) on the training split")
+
+    def texts() -> Iterator[str]:
+        for i, stream in enumerate(source.streams):
+            if stream.split is not None:
+                continue  # a held-out split of the source's own: never seen by the tokenizer
+            kept: Optional[list] = []
+            kept_bytes = 0
+            for doc, data in _documents(stream, o, skipped, i):
+                progress.advance(len(data), 1, 0)
+                if kept is not None:
+                    kept.append(doc)
+                    kept_bytes += len(data)
+                    if kept_bytes > o.tokenizer_sample_bytes:
+                        kept = None  # too big to hold: pass 2 reads the stream again
+                if _hashed_split(stream, data, o, splits) != "train":
+                    continue
+                if seen["bytes"] + len(data) > o.tokenizer_sample_bytes and seen["documents"] > 0:
+                    seen["sampled"] = True
+                    return
+                seen["documents"] += 1
+                seen["bytes"] += len(data)
+                yield doc.text
+            if kept is not None:
+                cache[i] = kept
+
+    tok = train_tokenizer(texts(), vocab)
+    if seen["documents"] == 0:
+        _raise_empty(source, sum(skipped.values()), had_documents=progress.documents > 0)
+    how = (f"the first {seen['documents']} training documents in source order "
+           f"({seen['bytes']} bytes; cap tokenizer_sample_bytes={o.tokenizer_sample_bytes})") if seen["sampled"] \
+        else f"all {seen['documents']} training documents ({seen['bytes']} bytes)"
+    return tok, {"documents": seen["documents"], "bytes": seen["bytes"], "sample": how,
+                 "requested_vocab_size": vocab}
+
+
+def _raise_empty(source: src.Source, skipped: int, had_documents: bool) -> None:
+    where = src.describe_stream_source(source)
+    if had_documents:
+        raise DataError(f"no document of {where} fell into the training split",
+                        "add documents or lower --val-fraction / --test-fraction (splits go by a hash of each text)")
+    extra = f" ({skipped} empty document(s) skipped)" if skipped else ""
+    raise DataError(f"the corpus is empty: no document with text in {where}{extra}",
+                    "check the source, --text-column, and --max-documents / --max-bytes")
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 2: tokenise and write
+
+
+def _tokenise(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, skipped: dict, tok,
+              tmp: Path, progress: "_Progress", console: Console):
+    """Encode every document in batches and append ids (+ EOT) to `<split>.bin` in `tmp`.
+
+    Returns (stats per split, {file name: {"bytes", "sha256"}}, domain names or None).
+    """
+    vocab, eot = tok.get_vocab_size(), eot_id(tok)
+    dtype = token_dtype(vocab)
+    writers = {s: ShardWriter(tmp / f"{s}.bin", dtype) for s in splits}
+    dom_writers = {s: ShardWriter(tmp / f"{s}.domains.bin", np.dtype(DOMAIN_DTYPE).name) for s in splits}
+    stats = {s: SplitStats() for s in splits}
+    domain_ids: dict[Optional[str], int] = {}
+    progress.start("tokenising", source.total_bytes, o)
+    console_line(console, progress, f"tokenising into {', '.join(s + '.bin' for s in splits)} ({dtype})")
+
+    batch: list[tuple[str, str, int]] = []  # (split, text, domain id)
+    batch_bytes = 0
+
+    def flush() -> None:
+        nonlocal batch, batch_bytes
+        ids = encode_batch(tok, [text for _, text, _ in batch])
+        n_tokens = 0
+        for split in splits:
+            rows = [(i, d) for i, (s, _, d) in enumerate(batch) if s == split]
+            if not rows:
+                continue
+            flat: list[int] = []
+            lengths = []
+            for i, _ in rows:
+                flat += ids[i]
+                flat.append(eot)  # NOTE: EOT after each document, so documents never merge
+                lengths.append(len(ids[i]) + 1)
+            writers[split].write(np.array(flat, dtype=np.uint32))
+            dom_writers[split].write(np.repeat(np.array([d for _, d in rows], dtype=DOMAIN_DTYPE), lengths))
+            stats[split].tokens += len(flat)
+            n_tokens += len(flat)
+        progress.advance(0, 0, n_tokens)
+        batch, batch_bytes = [], 0
+
+    try:
+        for i, stream in enumerate(source.streams):
+            docs = ((d, d.text.encode("utf-8", "surrogatepass")) for d in cache[i]) if i in cache \
+                else _documents(stream, o, skipped, i)
+            for doc, data in docs:
+                split = _hashed_split(stream, data, o, splits)
+                if doc.domain not in domain_ids:
+                    if len(domain_ids) > np.iinfo(DOMAIN_DTYPE).max:
+                        raise DataError(f"more than {np.iinfo(DOMAIN_DTYPE).max + 1} distinct domain tags",
+                                        "the 'domain' column should name a few sources or topics, not each row")
+                    domain_ids[doc.domain] = len(domain_ids)
+                batch.append((split, doc.text, domain_ids[doc.domain]))
+                batch_bytes += len(data)
+                stats[split].documents += 1
+                stats[split].bytes += len(data)
+                progress.advance(len(data), 1, 0)
+                if batch_bytes >= o.batch_bytes:
+                    flush()
+        if batch:
+            flush()
+    finally:
+        files = {f"{s}.bin": w.close() for s, w in writers.items()}
+        dom_files = {f"{s}.domains.bin": w.close() for s, w in dom_writers.items()}
+
+    if sum(s.documents for s in stats.values()) == 0:
+        _raise_empty(source, sum(skipped.values()), had_documents=False)
+    if any(d is not None for d in domain_ids):
+        files.update(dom_files)
+        names = [("(none)" if d is None else d) for d in domain_ids]
+    else:  # no document carries a domain: no domain files
+        for name in dom_files:
+            (tmp / name).unlink()
+        names = None
+    return stats, files, names
+
+
+def _check_splits(stats: dict[str, SplitStats], splits: dict, source: src.Source) -> None:
+    for split in ("train", "val"):
+        if stats[split].documents == 0:
+            total = sum(s.documents for s in stats.values())
+            how = "raise --val-fraction" if split == "val" else "lower --val-fraction / --test-fraction"
+            raise DataError(f"the {split} split got none of the {total} documents of "
+                            f"{src.describe_stream_source(source)}",
+                            f"add documents or {how} (documents go to splits by a hash of their text)")
+
+
+# ---------------------------------------------------------------------------------------------
+# meta.json and the atomic move
+
+
+def _meta(o: PrepareOptions, out: Path, source: src.Source, splits: dict, tok, trained_on: Optional[dict],
+          stats: dict, files: dict, domains: Optional[list], seconds: dict, tmp: Path) -> dict:
+    vocab = tok.get_vocab_size()
+    tok_bytes = (tmp / TOKENIZER).read_bytes()
+    files = dict(files)
+    files[TOKENIZER] = {"bytes": len(tok_bytes), "sha256": hashlib.sha256(tok_bytes).hexdigest()}
+    split_info = {}
+    for s, st in stats.items():
+        info = {"file": f"{s}.bin", "documents": st.documents, "tokens": st.tokens, "bytes": st.bytes,
+                "made_by": splits[s]}
+        info["domains_file"] = f"{s}.domains.bin" if domains is not None else None
+        split_info[s] = info
+    own = {k: v for k, v in splits.items() if v not in ("hash", "rest")}
+    hashed = [k for k, v in splits.items() if v == "hash" and k != "train"]
+    return {
+        "format": FORMAT_VERSION,
+        "tool": "moe-lm",
+        "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "name": out.name,
+        "source": source.description,
+        "vocab_size": vocab,
+        "eot_id": eot_id(tok),
+        "eot_token": EOT,
+        "dtype": token_dtype(vocab),
+        "tokenizer_file": TOKENIZER,
+        "tokenizer": {"type": "byte-level BPE (tokenizers)", "trained": trained_on is not None,
+                      "trained_on": trained_on, "reused_from": str(o.tokenizer) if o.tokenizer else None},
+        "split": {
+            "method": "per document: BLAKE2b-64 of its UTF-8 text / 2^64 = u; u < test_fraction -> test, "
+                      "u < test_fraction + val_fraction -> val, else train (documents are never cut)",
+            "val_fraction": o.val_fraction if "val" in hashed else None,
+            "test_fraction": o.test_fraction if "test" in hashed else None,
+            "own_splits": own,
+            "caps": {"max_documents": o.max_documents, "max_bytes": o.max_bytes},
+        },
+        "splits": split_info,
+        "domains": domains,
+        "files": files,
+    }
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_parents(parent: Path) -> Optional[Path]:
+    """mkdir -p parent; returns the top-most folder it created (to remove on failure), or None."""
+    top = None
+    p = parent
+    while not p.exists():
+        top = p
+        p = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return top
+
+
+def _remove_if_empty(top: Optional[Path]) -> None:
+    if top is None:
+        return
+    for d in sorted((p for p in [top, *top.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename tmp -> out. With overwrite: old aside, new in, old deleted (two renames, no gap
+    where a reader could see a half-written folder)."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:  # appeared while we worked
+        raise DataError(f"output folder {out} already exists", "pass --overwrite to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress and summary
+
+
+class _Progress:
+    """A rich progress bar (bytes, documents, tokens) on a terminal; plain lines elsewhere."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.live = console.is_terminal
+        self.bar: Optional[Progress] = None
+        self.task = None
+        self.documents = 0
+
+    def __enter__(self) -> "_Progress":
+        if self.live:
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                TextColumn("{task.fields[docs]:,} docs"), TextColumn("{task.fields[tokens]:,} tokens"),
+                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def start(self, what: str, total_bytes: Optional[int], o: PrepareOptions) -> None:
+        if o.max_bytes is not None and total_bytes is not None:
+            total_bytes = min(total_bytes, o.max_bytes)
+        if o.max_documents is not None:
+            total_bytes = None  # NOTE: unknown share of the source: a pulsing bar, not a false total
+        self.documents = 0
+        self._tokens = 0
+        if self.bar is not None:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(what, total=total_bytes, docs=0, tokens=0)
+
+    def advance(self, nbytes: int, docs: int, tokens: int) -> None:
+        self.documents += docs
+        self._tokens += tokens
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes, docs=self.documents, tokens=self._tokens)
+
+
+def _progress(console: Console) -> _Progress:
+    return _Progress(console)
+
+
+def console_line(console: Console, progress: _Progress, text: str) -> None:
+    (progress.bar.console if progress.bar is not None else console).print(text, markup=False, highlight=False)
+
+
+def render_summary(summary: PrepareSummary, console: Optional[Console] = None) -> None:
+    """The table of figures at the end of `prepare`: per split and in total."""
+    console = console or Console()
+    table = Table(title=f"prepared {summary.out_dir}", title_justify="left")
+    for col in ("split", "documents", "MB", "tokens", "bytes/token"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    rows = [(s, st) for s, st in summary.splits.items()]
+    rows.append(("total", SplitStats(summary.documents, summary.bytes, summary.tokens)))
+    for name, st in rows:
+        table.add_row(name, f"{st.documents:,}", f"{st.bytes / 1e6:,.2f}", f"{st.tokens:,}",
+                      f"{st.bytes / st.tokens:.2f}" if st.tokens else "-", end_section=name == rows[-2][0])
+    console.print(table)
+    m, sec = summary.meta, summary.seconds
+    tok = m["tokenizer"]
+    tok_line = (f"trained in {sec['tokenizer']:.1f} s on {tok['trained_on']['sample']}" if tok["trained"]
+                else f"reused {tok['reused_from']}")
+    console.print(f"vocab {m['vocab_size']:,} ({m['dtype']}), eot id {m['eot_id']}; tokenizer {tok_line}",
+                  markup=False, highlight=False)
+    console.print(f"tokenisation {summary.tokenise_mb_s:.2f} MB/s ({summary.bytes / 1e6:.2f} MB in "
+                  f"{sec['tokenise']:.1f} s); total time {sec['total']:.1f} s", markup=False, highlight=False)
+    if m.get("domains"):
+        console.print(f"{len(m['domains'])} domains (per-token ids in <split>.domains.bin)", markup=False, highlight=False)
+    for note in summary.notes:
+        console.print(note, markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark
+
+
+def bench_prepare(max_bytes: Optional[int] = None, vocab_size: int = DEFAULT_VOCAB) -> dict:
+    """Prepare the built-in corpus into a temporary folder and return its figures.
+
+    Returns {"documents", "bytes", "tokens", "vocab_size", "tokenizer_s", "tokenise_s",
+    "total_s", "tokenise_mb_s", "bytes_per_token"}; the folder is deleted.
+    """
+    with tempfile.TemporaryDirectory(prefix="moe-lm-bench-prepare-") as d:
+        s = prepare_corpus(PrepareOptions(out=Path(d) / "builtin", max_bytes=max_bytes, vocab_size=vocab_size))
+        return {
+            "documents": s.documents, "bytes": s.bytes, "tokens": s.tokens,
+            "vocab_size": s.meta["vocab_size"], "tokenizer_s": s.seconds["tokenizer"],
+            "tokenise_s": s.seconds["tokenise"], "total_s": s.seconds["total"],
+            "tokenise_mb_s": s.tokenise_mb_s, "bytes_per_token": s.bytes / max(s.tokens, 1),
+        }
