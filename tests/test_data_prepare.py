@@ -347,3 +347,4 @@ def test_cli_prepares_and_prints_the_summary(tmp_path):
         assert word in proc.stdout
     data = TokenData.open(tmp_path / "data" / "c")  # the name defaults to the file's stem
     assert data.splits == ["train", "val"] and data.vocab_size == 300
+

@@ -96,7 +96,7 @@ def test_token_data_opens_a_prepared_folder(tiny_data_dir):
         train[0] = 1
     doms = data.domains("train")
     assert doms is not None and doms.shape == train.shape and doms.max() < len(data.meta["domains"])
-    with pytest.raises(DataError, match="no nope split.*train, val, test"):
+    with pytest.raises(DataError, match="no nope split, only train, val, test"):
         data.split("nope")
 
 
@@ -128,3 +128,10 @@ def test_token_data_detects_a_missing_file_meta_or_a_wrong_dtype(tiny_data_dir, 
     (d / "meta.json").unlink()
     with pytest.raises(DataError, match="has no meta.json.*moe-lm prepare"):
         TokenData.open(d)
+
+
+def test_token_dtype_is_uint16_while_every_id_fits():
+    from moe_lm.data.shards import token_dtype
+
+    assert token_dtype(512) == token_dtype(65536) == "uint16"  # ids 0..65535
+    assert token_dtype(65537) == "uint32"

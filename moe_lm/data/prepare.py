@@ -174,7 +174,7 @@ def _check_options(o: PrepareOptions) -> None:
         raise DataError(f"--vocab-size {o.vocab_size} is out of range",
                         f"a byte-level BPE needs between {MIN_VOCAB} and 2^32 tokens; 8192 is the default")
     if o.name is not None and (not o.name or o.name.startswith(".") or any(c in o.name for c in "/\\")):
-        raise DataError(f"--name '{o.name}' is not a folder name", "use a plain name such as 'notes' (or --out DIR)")
+        raise DataError(f"--name '{o.name}' is not a folder name", "use a plain name such as 'notes', or --out DIR")
 
 
 def _output_dir(o: PrepareOptions) -> Path:
@@ -225,7 +225,7 @@ def _documents(stream: src.Stream, o: PrepareOptions, skipped: dict, key: int) -
         if not doc.text:
             skipped[key] += 1
             continue
-        data = doc.text.encode("utf-8", "surrogatepass")
+        data = doc.text.encode("utf-8")  # NOTE: every source gives valid Unicode (Arrow strings are UTF-8)
         if o.max_bytes is not None and total + len(data) > o.max_bytes:
             return  # NOTE: never cut a document; stop before the one that would pass the cap
         yield doc, data
@@ -296,8 +296,8 @@ def _raise_empty(source: src.Source, skipped: int, had_documents: bool) -> None:
     where = src.describe_stream_source(source)
     if had_documents:
         raise DataError(f"no document of {where} fell into the training split",
-                        "add documents or lower --val-fraction / --test-fraction (splits go by a hash of each text)")
-    extra = f" ({skipped} empty document(s) skipped)" if skipped else ""
+                        "add documents or lower --val-fraction / --test-fraction; splits go by a hash of each text")
+    extra = f", {skipped} empty document(s) skipped" if skipped else ""
     raise DataError(f"the corpus is empty: no document with text in {where}{extra}",
                     "check the source, --text-column, and --max-documents / --max-bytes")
 
@@ -347,7 +347,7 @@ def _tokenise(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, 
 
     try:
         for i, stream in enumerate(source.streams):
-            docs = ((d, d.text.encode("utf-8", "surrogatepass")) for d in cache[i]) if i in cache \
+            docs = ((d, d.text.encode("utf-8")) for d in cache[i]) if i in cache \
                 else _documents(stream, o, skipped, i)
             for doc, data in docs:
                 split = _hashed_split(stream, data, o, splits)
@@ -388,7 +388,7 @@ def _check_splits(stats: dict[str, SplitStats], splits: dict, source: src.Source
             how = "raise --val-fraction" if split == "val" else "lower --val-fraction / --test-fraction"
             raise DataError(f"the {split} split got none of the {total} documents of "
                             f"{src.describe_stream_source(source)}",
-                            f"add documents or {how} (documents go to splits by a hash of their text)")
+                            f"add documents or {how}; documents go to splits by a hash of their text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,8 +474,13 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         raise DataError(f"output folder {out} already exists", "pass --overwrite to replace it")
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(tmp, out)
+    except BaseException:  # put the old folder back rather than leave none
+        os.rename(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class TokenData:
         if not meta_path.is_file():
             what = "does not exist" if not data_dir.exists() else f"has no {META}"
             raise DataError(f"data folder {data_dir} {what}",
-                            "prepare it with `moe-lm prepare` (built-in corpus) or `moe-lm prepare --help`")
+                            "prepare it with `moe-lm prepare` for the built-in corpus, see `moe-lm prepare --help` for others")
         try:
             meta = json.loads(meta_path.read_text())
             files, splits = meta["files"], meta["splits"]
@@ -132,8 +132,8 @@ class TokenData:
     def split(self, name: str) -> np.ndarray:
         """The token ids of split `name` as a read-only memmap, shape [n_tokens]."""
         if name not in self.meta["splits"]:
-            raise DataError(f"data folder {self.dir} has no {name} split (it has: {', '.join(self.splits)})",
-                            "pick one of those, or prepare again (e.g. --test-fraction 0.02 adds a test split)")
+            raise DataError(f"data folder {self.dir} has no {name} split, only {', '.join(self.splits)}",
+                            "pick one of those, or prepare again: --test-fraction 0.02 adds a test split")
         if name not in self._splits:
             info = self.meta["splits"][name]
             self._splits[name] = _memmap(self.dir / info["file"], self.dtype, info["tokens"])

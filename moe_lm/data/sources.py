@@ -412,7 +412,7 @@ def import_datasets():
 def _check_column(row: dict, column: str, where: str) -> None:
     if column not in row:
         available = ", ".join(str(c) for c in row) or "none"
-        raise DataError(f"{where} has no column '{column}' (available columns: {available})",
+        raise DataError(f"{where} has no column '{column}'; available columns: {available}",
                         "pick the text column with --text-column")
 
 

@@ -39,7 +39,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: Optional[int]
     """
     if vocab_size < MIN_VOCAB:
         raise DataError(f"--vocab-size {vocab_size} is too small",
-                        f"a byte-level BPE needs at least {MIN_VOCAB} tokens (256 bytes + end-of-text)")
+                        f"a byte-level BPE needs at least {MIN_VOCAB} tokens: 256 bytes + end-of-text")
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
