@@ -25,7 +25,7 @@ from rich.console import Console
 from moe_lm.data.prepare import PrepareOptions, prepare_corpus
 from moe_lm.data.shards import TokenData
 from moe_lm.data.tokenizer import decode_documents
-from moe_lm.errors import DataError, DatasetUnavailableError
+from moe_lm.errors import DataError
 
 # Documents that trip up byte-level BPE set-ups: a space invented in front (add_prefix_space),
 # trimmed whitespace, \r\n, control characters, non-ASCII, and the EOT string itself.
@@ -201,6 +201,18 @@ def test_reused_tokenizer_gives_the_same_ids(tmp_path, tiny_data_dir):
     assert collections.Counter(sum(decoded(tmp_path / "out").values(), [])) == collections.Counter(docs)
 
 
+def test_tokenizer_sample_cap_trains_on_the_first_documents_and_still_encodes_all(tmp_path):
+    """Past tokenizer_sample_bytes the BPE stops reading, and the tokenising pass reads the source
+    again from the start (nothing held in memory)."""
+    docs = corpus(200)
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    s = prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "out", tokenizer_sample_bytes=5000)
+    trained = s.meta["tokenizer"]["trained_on"]
+    assert trained["sample"].startswith("the first") and trained["bytes"] <= 5000
+    assert s.documents == len(docs)
+    assert collections.Counter(sum(decoded(tmp_path / "out").values(), [])) == collections.Counter(docs)
+
+
 # ---------------------------------------------------------------------------------------------
 # the split
 
@@ -348,3 +360,19 @@ def test_cli_prepares_and_prints_the_summary(tmp_path):
     data = TokenData.open(tmp_path / "data" / "c")  # the name defaults to the file's stem
     assert data.splits == ["train", "val"] and data.vocab_size == 300
 
+
+
+def test_ctrl_c_on_the_command_line_exits_130_and_writes_nothing(tmp_path):
+    import signal
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "moe_lm", "prepare"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until it reads the corpus, then press Ctrl-C
+        if "training a byte-level BPE" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()

@@ -130,7 +130,7 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # NOTE: mkdtemp makes it 0700; the result is an ordinary folder
-        with _progress(console) as progress:
+        with _Progress(console) as progress:
             cache: dict[int, list[src.Document]] = {}  # streams read whole in pass 1
             skipped: dict[int, int] = {}  # empty documents per stream
             t0 = time.perf_counter()
@@ -145,9 +145,9 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
             t0 = time.perf_counter()
             stats, files, domains = _tokenise(source, opts, splits, cache, skipped, tok, tmp, progress, console)
             t_enc = time.perf_counter() - t0
-        _check_splits(stats, splits, source)
+        notes = list(source.notes) + _check_splits(stats, source)
         seconds = {"tokenizer": t_tok, "tokenise": t_enc}
-        meta = _meta(opts, out, source, splits, tok, trained_on, stats, files, domains, seconds, tmp)
+        meta = _meta(opts, out, source, splits, tok, trained_on, stats, files, domains, tmp)
         meta["skipped_empty_documents"] = sum(skipped.values())
         seconds["total"] = time.perf_counter() - t_start
         meta["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -157,7 +157,7 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_if_empty(created)
         raise
-    return PrepareSummary(out, meta, stats, seconds, notes=list(source.notes))
+    return PrepareSummary(out, meta, stats, seconds, notes=notes)
 
 
 def _check_options(o: PrepareOptions) -> None:
@@ -234,7 +234,7 @@ def _documents(stream: src.Stream, o: PrepareOptions, skipped: dict, key: int) -
             return
 
 
-def _hashed_split(stream: src.Stream, data: bytes, o: PrepareOptions, splits: dict) -> str:
+def _split_of(stream: src.Stream, data: bytes, o: PrepareOptions, splits: dict) -> str:
     if stream.split is not None:
         return stream.split
     own = tuple(k for k, v in splits.items() if v not in ("hash", "rest"))
@@ -271,7 +271,7 @@ def _train(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, ski
                     kept_bytes += len(data)
                     if kept_bytes > o.tokenizer_sample_bytes:
                         kept = None  # too big to hold: pass 2 reads the stream again
-                if _hashed_split(stream, data, o, splits) != "train":
+                if _split_of(stream, data, o, splits) != "train":
                     continue
                 if seen["bytes"] + len(data) > o.tokenizer_sample_bytes and seen["documents"] > 0:
                     seen["sampled"] = True
@@ -350,7 +350,7 @@ def _tokenise(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, 
             docs = ((d, d.text.encode("utf-8")) for d in cache[i]) if i in cache \
                 else _documents(stream, o, skipped, i)
             for doc, data in docs:
-                split = _hashed_split(stream, data, o, splits)
+                split = _split_of(stream, data, o, splits)
                 if doc.domain not in domain_ids:
                     if len(domain_ids) > np.iinfo(DOMAIN_DTYPE).max:
                         raise DataError(f"more than {np.iinfo(DOMAIN_DTYPE).max + 1} distinct domain tags",
@@ -381,7 +381,8 @@ def _tokenise(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, 
     return stats, files, names
 
 
-def _check_splits(stats: dict[str, SplitStats], splits: dict, source: src.Source) -> None:
+def _check_splits(stats: dict[str, SplitStats], source: src.Source) -> list[str]:
+    """DataError when train or val got no document; a note (returned) when test got none."""
     for split in ("train", "val"):
         if stats[split].documents == 0:
             total = sum(s.documents for s in stats.values())
@@ -389,6 +390,9 @@ def _check_splits(stats: dict[str, SplitStats], splits: dict, source: src.Source
             raise DataError(f"the {split} split got none of the {total} documents of "
                             f"{src.describe_stream_source(source)}",
                             f"add documents or {how}; documents go to splits by a hash of their text")
+    if "test" in stats and stats["test"].documents == 0:
+        return ["note: the test split got no documents (raise --test-fraction for a test.bin with text)"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +400,7 @@ def _check_splits(stats: dict[str, SplitStats], splits: dict, source: src.Source
 
 
 def _meta(o: PrepareOptions, out: Path, source: src.Source, splits: dict, tok, trained_on: Optional[dict],
-          stats: dict, files: dict, domains: Optional[list], seconds: dict, tmp: Path) -> dict:
+          stats: dict, files: dict, domains: Optional[list], tmp: Path) -> dict:
     vocab = tok.get_vocab_size()
     tok_bytes = (tmp / TOKENIZER).read_bytes()
     files = dict(files)
@@ -527,10 +531,6 @@ class _Progress:
         self._tokens += tokens
         if self.bar is not None:
             self.bar.update(self.task, advance=nbytes, docs=self.documents, tokens=self._tokens)
-
-
-def _progress(console: Console) -> _Progress:
-    return _Progress(console)
 
 
 def console_line(console: Console, progress: _Progress, text: str) -> None:

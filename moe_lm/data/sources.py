@@ -278,6 +278,9 @@ def dataset_source(name: str, config: Optional[str] = None, split: Optional[str]
                    text_column: str = "text", streaming: bool = False) -> Source:
     """A dataset by Hub name (or a local dataset folder). Uses its own validation/test splits."""
     local = os.path.isdir(os.path.expanduser(name))
+    if not local and name.startswith((".", "/", "~")):
+        raise DataError(f"dataset folder {name} does not exist",
+                        "pass a Hub name such as roneneldan/TinyStories, or local files with --data-files")
     if not local:
         _ensure_hub_or_offline(name)
     datasets = import_datasets()
