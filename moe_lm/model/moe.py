@@ -137,6 +137,9 @@ class MoELayer(nn.Module):
         self.shared_experts = (FeedForward(d_model, cfg.n_shared_experts * hidden, activation, std, down_std)
                                if cfg.n_shared_experts > 0 else None)
         self.dispatch_path: str | None = None  # None = dispatch.choose_path's rule; tests force a path
+        # eval's specialisation report sets record=True to read the kept (token, expert) pairs
+        self.record = False
+        self.last_assignments: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def capacity(self, n_tokens: int) -> int | None:
         cf = self.cfg.capacity_factor
@@ -155,6 +158,8 @@ class MoELayer(nn.Module):
             # NOTE: boolean indexing syncs with the device once; only with a capacity limit.
             keep = capacity_keep(expert, r.score, self.n_experts, cap)
             token, expert, weight = token[keep], expert[keep], weight[keep]
+        if self.record:
+            self.last_assignments = (token.detach(), expert.detach())  # token indexes x's (T, d) rows
         y = dispatch.moe_ffn(x, token, expert, weight, self.experts, path=self.dispatch_path)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
