@@ -131,6 +131,84 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+
+
+@app.command("eval")
+def eval_cmd(
+    path: Path = typer.Argument(..., help="A run folder (its latest checkpoint) or a checkpoint folder.", show_default=False),
+    split: str = typer.Option("val", "--split", help="Split to evaluate: val | test | train."),
+    batches: Optional[int] = typer.Option(None, "--batches", help="A fixed seeded sample of N batches [default: the run's own evaluation sample, train.eval_batches].", show_default=False),
+    all_tokens: bool = typer.Option(False, "--all", help="Every token of the split once (non-overlapping windows)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data folder [default: the run's data.dir]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json and plots/ go [default: the run folder]."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
+    json_out: bool = typer.Option(False, "--json", help="Print eval.json instead of the tables."),
+) -> None:
+    """Perplexity, the routing report (load, importance, CV, dropped, entropy, dead experts) and
+    expert specialisation; writes eval.json and a layer x expert heatmap beside the run."""
+    import json
+
+    from .errors import ConfigError
+    from .evaluation import render_report, run_eval
+
+    if all_tokens and batches is not None:
+        raise ConfigError("--all and --batches contradict each other", "pass one of them")
+    if batches is not None and batches < 1:
+        raise ConfigError(f"--batches must be ≥ 1, got {batches}", "or pass --all for the whole split")
+    n_batches = None if all_tokens else (batches if batches is not None else -1)
+    report, files = run_eval(path, split=split, n_batches=n_batches, data_dir=data, out_dir=out, device=device,
+                             console=None if json_out else console)
+    if json_out:
+        console.print(json.dumps(report.to_json(), indent=1, ensure_ascii=False), markup=False, highlight=False,
+                      soft_wrap=True)
+    else:
+        render_report(report, console, files)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare-dense
+
+
+@app.command("compare-dense", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def compare_dense_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="An MoE config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per model (train.seed, +1, ...); the spread decides the verdict."),
+    with_dense_total: bool = typer.Option(False, "--with-dense-total", help="Also train a dense model with as many total parameters as the MoE (an upper reference)."),
+    lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Comma-separated learning rates, e.g. 1e-3,3e-3,6e-3: each model keeps its own best (seed train.seed) for all seeds.", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: runs/compare-<name>/]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs that exist instead of reusing or resuming them."),
+    device: str = typer.Option("auto", "--device", help="Device for the final evaluations: auto | cpu | cuda | mps (training follows train.device)."),
+) -> None:
+    """Train the MoE and its dense twin (equal FLOPs per token) over several seeds with the same
+    data order and schedule, then report perplexity vs training FLOPs and wall-clock, with a verdict.
+
+    Finished runs are reused and interrupted ones resumed, so it can be stopped and run again."""
+    from .compare import compare_dense, render_table
+    from .config import load_config
+    from .errors import ConfigError
+
+    cfg = load_config(config, overrides or [])
+    lrs = None
+    if lr_sweep:
+        try:
+            lrs = [float(v) for v in lr_sweep.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--lr-sweep {lr_sweep!r} is not a comma-separated list of numbers",
+                              "e.g. --lr-sweep 1e-3,3e-3,6e-3") from None
+        if not lrs or any(v <= 0 for v in lrs):
+            raise ConfigError(f"--lr-sweep {lr_sweep!r} needs positive learning rates", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
+    try:
+        report = compare_dense(cfg, seeds=seeds, with_dense_total=with_dense_total, out_dir=out, lr_sweep=lrs,
+                               overwrite=overwrite, device=device, console=console)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished runs are kept; run the same command again to continue")
+        raise SystemExit(130) from None
+    render_table(report, console)
+
+
+# ---------------------------------------------------------------------------------------------
 # info
 
 

@@ -108,3 +108,64 @@ def plot_load_heatmap(records: list[dict], path: Path, title: str = "") -> Path:
     fig.suptitle(f"{title}: expert load over training" if title else "expert load over training")
     fig.savefig(path)
     return Path(path)
+
+
+def plot_eval_load(report, path: Path, title: str = "") -> Path:
+    """`moe-lm eval`'s layer x expert heatmap: each expert's share of the evaluated tokens relative
+    to uniform (1 = its fair share), with the share printed in each cell."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid = [[s * len(lr.load_share) for s in lr.load_share] for lr in report.layers]
+    n_layers, n_exp = len(grid), len(grid[0])
+    vmax = max(2.0, max(max(row) for row in grid))
+    fig = _figure(max(5.0, 0.55 * n_exp + 2.5), 1.2 + 0.45 * n_layers)
+    ax = fig.subplots()
+    im = ax.imshow(grid, cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax), aspect="auto")
+    if n_exp <= 32:
+        for i, lr in enumerate(report.layers):
+            for e, s in enumerate(lr.load_share):
+                ax.text(e, i, f"{s:.0%}", ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(n_layers), [f"layer {lr.layer}" for lr in report.layers], fontsize=8)
+    ax.set_xticks(range(n_exp) if n_exp <= 32 else range(0, n_exp, max(1, n_exp // 16)))
+    ax.set_xlabel("expert")
+    fig.colorbar(im, ax=ax, label="share / uniform share")
+    what = f"{report.split}, {report.n_tokens:,} tokens"
+    fig.suptitle(f"{title}: expert load ({what})" if title else f"expert load ({what})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_compare(report: dict, out_dir: Path) -> dict:
+    """compare-dense's figures: validation loss against training FLOPs and against wall-clock
+    seconds, one thin line per seed, one colour per variant. Returns {"flops_png", "wall_png"}."""
+    colours = {"moe": "tab:red", "dense": "tab:blue", "dense-total": "tab:gray"}
+    files = {}
+    for key, x_key, xlabel, fname in (("flops_png", "flops", "training FLOPs", "val_loss_vs_flops.png"),
+                                      ("wall_png", "wall_s", "wall-clock seconds (training)", "val_loss_vs_wall.png")):
+        fig = _figure(7, 4.2)
+        ax = fig.subplots()
+        seen = set()
+        for run in report["runs"]:
+            v = run["variant"]
+            pts = [c for c in run["curve"] if c["step"] > 0]
+            if not pts:
+                continue
+            label = report["variants"][v]["label"] if v not in seen else None
+            seen.add(v)
+            ax.plot([c[x_key] for c in pts], [c["val_loss"] for c in pts], "-o", ms=2.5, lw=1.2, alpha=0.85,
+                    color=colours.get(v, "black"), label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token, trainer's sample)")
+        if x_key == "flops":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        n = len(report["seeds"])
+        ax.set_title(f"{report['name']}: MoE vs dense twin, {n} seed{'s' if n != 1 else ''} (one line each)", fontsize=10)
+        fig.tight_layout()
+        path = Path(out_dir) / fname
+        fig.savefig(path)
+        files[key] = path
+    return files

@@ -1,0 +1,349 @@
+"""`moe-lm compare-dense`'s library side: the MoE against its dense twin at equal compute.
+
+    report = compare_dense(cfg, seeds=3)      # -> runs/compare-<name>/report.md, report.json, PNGs
+
+The fair-comparison rules (docs/ARCHITECTURE.md, "Fair comparison"): the twin is
+`accounting.dense_twin(cfg)` - the same config but each MoE FFN replaced by one dense FFN of the
+active expert width, so it does the same FLOPs per token minus the router's; the same activation,
+init, seeds, data order (the batch stream is a function of train.seed), tokens and schedule.
+Optionally a dense model with as many *total* parameters (an upper reference) and a small
+learning-rate sweep in which every variant keeps its own best rate.
+
+Every run lives in `<out>/runs/<variant>-seed<S>/` and is an ordinary training run: a finished
+run is reused, an interrupted one resumes from its checkpoint, so the command can be stopped and
+started again. The final figure per run is the perplexity over *every* validation token
+(`evaluation.evaluate_model`, non-overlapping windows), not the trainer's small sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import Config, to_dict
+from .errors import ConfigError, RunError
+
+VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
+
+
+@dataclass
+class RunSummary:
+    variant: str
+    seed: int
+    lr: float
+    run_dir: str
+    val_loss: float  # over every validation token
+    val_ppl: float
+    val_tokens: int
+    tokens: int  # training tokens
+    flops: float  # training FLOPs (router included for the MoE)
+    wall_s: float  # training wall-clock (evaluations included, as the trainer counts it)
+    tokens_per_s: float
+    curve: list[dict] = field(default_factory=list)  # the trainer's evaluations: step, flops, wall_s, val_loss
+    reused: bool = False
+
+
+def variant_configs(cfg: Config, with_dense_total: bool = False) -> dict[str, Config]:
+    """{"moe": cfg, "dense": its twin, ["dense-total": equal total parameters]}."""
+    from .model.accounting import dense_total, dense_twin
+
+    if cfg.model.moe is None:
+        raise ConfigError(f"compare-dense needs an MoE config, but {cfg.name} has model.moe: null",
+                          "pass an MoE config such as configs/tiny-moe.yaml")
+    out = {"moe": cfg, "dense": dense_twin(cfg)}
+    if with_dense_total:
+        out["dense-total"] = dense_total(cfg)
+    return out
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (for the report and the tests)."""
+    def flat(d: Any, prefix: str = "") -> dict:
+        items = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                items.update(flat(v, key + "."))
+            else:
+                items[key] = v
+        return items
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, "(absent)") != fb.get(k, "(absent)"))
+
+
+def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> Config:
+    c = copy.deepcopy(base)
+    c.train.seed = seed
+    c.train.lr = lr
+    c.name = f"{name}-{variant}-seed{seed}"
+    return c
+
+
+def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> bool:
+    """Train cfg into run_dir, resuming a partial run; True when a finished run was reused."""
+    from .training import checkpoint as ckpt_io
+    from .training.trainer import train
+
+    latest = ckpt_io.find_latest(run_dir) if run_dir.is_dir() else None
+    if latest is not None and not overwrite:
+        state = ckpt_io.read_state(latest)
+        try:
+            ckpt_io.check_config(latest, state, cfg)
+        except Exception as exc:  # noqa: BLE001 - say what to do in terms of this command
+            raise RunError(f"{run_dir} holds a run of another config ({exc})",
+                           "rerun compare-dense with --overwrite, or give it another --out") from None
+        if state["step"] >= cfg.train.max_steps:
+            return True
+        train(cfg, out_dir=run_dir, resume=str(latest), console=console, plots=False)
+        return False
+    train(cfg, out_dir=run_dir, overwrite=run_dir.exists(), console=console, plots=False)
+    return False
+
+
+def _final_eval(run_dir: Path, device: str) -> dict:
+    """Perplexity over every validation token of the run's last checkpoint, cached in eval.json."""
+    from .evaluation import run_eval
+    from .training import checkpoint as ckpt_io
+
+    latest = ckpt_io.find_latest(run_dir)
+    cached = run_dir / "eval.json"
+    if cached.is_file() and latest is not None:
+        try:
+            prev = json.loads(cached.read_text(encoding="utf-8"))
+            if prev.get("checkpoint") == str(latest) and prev.get("windows") == "all" and prev.get("split") == "val":
+                return prev
+        except (OSError, json.JSONDecodeError):
+            pass
+    report, _ = run_eval(run_dir, split="val", n_batches=None, device=device, write=True)
+    return report.to_json()
+
+
+def _summarise(variant: str, cfg: Config, run_dir: Path, ev: dict, reused: bool) -> RunSummary:
+    from .training.metrics import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in records if r.get("kind") == "eval"]
+    trains = [r for r in records if r.get("kind") == "train"]
+    last = trains[-1] if trains else {}
+    wall = float(last.get("wall_s", 0.0))
+    tokens = int(last.get("tokens", 0))
+    # tokens/s of the training steps alone, as the trainer's windows measured it
+    rates = [r["tokens_per_s"] for r in trains if r.get("tokens_per_s")]
+    return RunSummary(
+        variant=variant, seed=cfg.train.seed, lr=cfg.train.lr, run_dir=str(run_dir), val_loss=ev["loss"],
+        val_ppl=ev["ppl"], val_tokens=ev["n_tokens"], tokens=tokens, flops=float(last.get("flops", 0.0)),
+        wall_s=wall, tokens_per_s=statistics.median(rates) if rates else (tokens / wall if wall else 0.0),
+        curve=[{"step": r["step"], "flops": r["flops"], "wall_s": r["wall_s"], "val_loss": r["val_loss"]} for r in evals],
+        reused=reused,
+    )
+
+
+def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False, out_dir: Optional[Path] = None,
+                  lr_sweep: Optional[list[float]] = None, overwrite: bool = False, device: str = "auto",
+                  console: Any = None) -> dict:
+    """Train the MoE, its dense twin (and optionally the equal-total-parameter dense model) over
+    `seeds` seeds; write report.json, report.md and the PNGs into `out_dir`; return the report."""
+    from rich.console import Console
+
+    from .model.accounting import flops_per_token, param_counts
+    from .training.trainer import _open_data
+
+    console = console if console is not None else Console()
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {seeds}", "use --seeds 3 to see the spread")
+    cfg = copy.deepcopy(cfg)
+    _open_data(cfg)  # fails early on missing data; fills model.vocab_size
+    variants = variant_configs(cfg, with_dense_total)
+    out = Path(out_dir) if out_dir is not None else Path("runs") / f"compare-{cfg.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # 1. learning rate per variant: the config's, or each variant's best of a small sweep ----------
+    lrs = {v: cfg.train.lr for v in variants}
+    sweep: dict[str, dict[str, float]] = {}
+    if lr_sweep:
+        for v, vcfg in variants.items():
+            sweep[v] = {}
+            for lr in lr_sweep:
+                rc = _run_config(vcfg, cfg.name, v, cfg.train.seed, lr)
+                run_dir = out / "sweep" / f"{v}-lr{lr:g}"
+                console.rule(f"lr sweep: {VARIANT_LABELS[v]}, lr {lr:g}")
+                _train_or_reuse(rc, run_dir, console, overwrite)
+                sweep[v][f"{lr:g}"] = _final_eval(run_dir, device)["loss"]
+            lrs[v] = float(min(sweep[v], key=sweep[v].get))
+
+    # 2. the seeds, paired: seed s of every variant before seed s + 1 --------------------------------
+    runs: list[RunSummary] = []
+    seed_list = [cfg.train.seed + i for i in range(seeds)]
+    for s in seed_list:
+        for v, vcfg in variants.items():
+            rc = _run_config(vcfg, cfg.name, v, s, lrs[v])
+            run_dir = out / "runs" / f"{v}-seed{s}"
+            console.rule(f"{VARIANT_LABELS[v]}, seed {s} ({seed_list.index(s) + 1}/{len(seed_list)})")
+            reused = _train_or_reuse(rc, run_dir, console, overwrite)
+            if reused:
+                console.print(f"reusing the finished run {run_dir}", highlight=False)
+            ev = _final_eval(run_dir, device)
+            runs.append(_summarise(v, rc, run_dir, ev, reused))
+
+    # 3. the report --------------------------------------------------------------------------------
+    report = {
+        "name": cfg.name,
+        "seeds": seed_list,
+        "variants": {},
+        "lr_sweep": sweep or None,
+        "twin_differs_in": config_differences(cfg, variants["dense"]),
+        "runs": [r.__dict__ for r in runs],
+        "compare_wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    for v, vcfg in variants.items():
+        rs = [r for r in runs if r.variant == v]
+        ppl = [r.val_ppl for r in rs]
+        pc, fl = param_counts(vcfg.model), flops_per_token(vcfg.model)
+        report["variants"][v] = {
+            "label": VARIANT_LABELS[v], "ffn_hidden": vcfg.model.ffn_hidden, "lr": lrs[v],
+            "params_total": pc["total"], "params_active": pc["active"],
+            "flops_per_token": fl["total"], "router_flops_per_token": fl["router"],
+            "train_tokens": rs[0].tokens, "train_flops": statistics.mean(r.flops for r in rs),
+            "tokens_per_s": statistics.mean(r.tokens_per_s for r in rs),
+            "wall_s": statistics.mean(r.wall_s for r in rs),
+            "val_ppl": ppl, "val_ppl_mean": statistics.mean(ppl),
+            "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+            "val_loss_mean": statistics.mean(r.val_loss for r in rs), "val_tokens": rs[0].val_tokens,
+        }
+    report["verdict"], report["moe_vs_dense_pct"], report["clear_win"] = verdict(
+        report["variants"]["moe"]["val_ppl"], report["variants"]["dense"]["val_ppl"])
+    files = write_report(report, out)
+    report["files"] = {k: str(p) for k, p in files.items()}
+    return report
+
+
+def verdict(moe_ppl: list[float], dense_ppl: list[float]) -> tuple[str, float, bool]:
+    """The plain-words verdict, the relative difference in % (negative = MoE lower), and whether
+    it is a clear win (every MoE seed below every dense seed)."""
+    m, d = statistics.mean(moe_ppl), statistics.mean(dense_ppl)
+    pct = 100.0 * (m - d) / d
+    n = len(moe_ppl)
+    seeds = f"{n} seed{'s' if n != 1 else ''}"
+    if max(moe_ppl) < min(dense_ppl):
+        if n == 1:
+            return (f"MoE is {-pct:.1f}% lower in perplexity than its dense twin at equal training FLOPs (1 seed: "
+                    f"no spread to compare with; run --seeds 3)"), pct, False
+        return (f"MoE is {-pct:.1f}% lower in perplexity at equal training FLOPs ({seeds}; every MoE seed below "
+                f"every dense seed)"), pct, True
+    if min(moe_ppl) > max(dense_ppl):
+        return (f"the dense twin is {pct:.1f}% lower in perplexity than the MoE at equal training FLOPs ({seeds}; "
+                f"every dense seed below every MoE seed): at this budget the MoE does not pay"), pct, False
+    return (f"the difference ({pct:+.1f}% MoE vs dense) is within the spread over {seeds}: the seeds overlap, so "
+            f"this budget shows no clear winner"), pct, False
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def table_rows(report: dict) -> list[tuple[str, ...]]:
+    """Rows of the summary table: (quantity, one column per variant)."""
+    vs = report["variants"]
+    keys = list(vs)
+    rows = [
+        ("parameters, total", *[_fmt_params(vs[k]["params_total"]) for k in keys]),
+        ("parameters, active per token", *[_fmt_params(vs[k]["params_active"]) for k in keys]),
+        ("FFN hidden (per expert for the MoE)", *[str(vs[k]["ffn_hidden"]) for k in keys]),
+        ("training FLOPs per token", *[f"{vs[k]['flops_per_token'] / 1e6:.2f}M" for k in keys]),
+        ("  of which router", *[f"{vs[k]['router_flops_per_token'] / 1e6:.3f}M" for k in keys]),
+        ("training tokens", *[f"{vs[k]['train_tokens']:,}" for k in keys]),
+        ("training FLOPs", *[f"{vs[k]['train_flops']:.3g}" for k in keys]),
+        ("learning rate", *[f"{vs[k]['lr']:g}" for k in keys]),
+        ("tokens/s (median)", *[f"{vs[k]['tokens_per_s']:,.0f}" for k in keys]),
+        ("wall time per run", *[f"{vs[k]['wall_s']:.0f} s" for k in keys]),
+        ("val perplexity (mean ± std)", *[f"{vs[k]['val_ppl_mean']:.2f} ± {vs[k]['val_ppl_std']:.2f}" for k in keys]),
+        ("val perplexity per seed", *[" ".join(f"{p:.2f}" for p in vs[k]["val_ppl"]) for k in keys]),
+        ("vs dense twin", *[("-" if k == "dense" else
+                             f"{100 * (vs[k]['val_ppl_mean'] - vs['dense']['val_ppl_mean']) / vs['dense']['val_ppl_mean']:+.1f}%")
+                            for k in keys]),
+    ]
+    return rows
+
+
+def render_table(report: dict, console) -> None:
+    from rich.table import Table
+
+    vs = report["variants"]
+    t = Table(title=f"compare-dense: {report['name']} over seeds {', '.join(map(str, report['seeds']))}",
+              title_justify="left")
+    t.add_column("")
+    for k in vs:
+        t.add_column(vs[k]["label"], justify="right")
+    for row in table_rows(report):
+        t.add_row(*row)
+    console.print(t)
+    style = "bold green" if report["clear_win"] else "bold yellow"
+    console.print(f"[{style}]verdict:[/] {report['verdict']}", highlight=False, soft_wrap=True)
+    if report.get("files"):
+        console.print("wrote " + ", ".join(report["files"].values()), highlight=False, soft_wrap=True)
+
+
+def write_report(report: dict, out: Path) -> dict:
+    from .plots import plot_compare
+
+    files = {}
+    files["json"] = _write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    files.update(plot_compare(report, out))
+    files["md"] = _write_atomic(out / "report.md", render_markdown(report, files))
+    return files
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def render_markdown(report: dict, files: dict) -> str:
+    vs = report["variants"]
+    keys = list(vs)
+    lines = [
+        f"# compare-dense: {report['name']}",
+        "",
+        f"**Verdict:** {report['verdict']}.",
+        "",
+        "| | " + " | ".join(vs[k]["label"] for k in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    lines += [
+        "",
+        "How it was measured: the dense twin differs from the MoE only in "
+        + ", ".join(f"`{k}`" for k in report["twin_differs_in"])
+        + " (each MoE FFN becomes one dense FFN as wide as the experts a token visits), so both do the same "
+          "FLOPs per token apart from the router's; same activation, init std, seeds, data order, tokens and "
+          "schedule. Perplexity is over every token of the validation split, from each run's last checkpoint. "
+          "Training FLOPs count forward + backward (3 x forward) of every matmul and the attention scores.",
+        "",
+    ]
+    if report.get("lr_sweep"):
+        lines += ["Learning-rate sweep (seed "
+                  f"{report['seeds'][0]}, final validation loss; each variant keeps its own best):", ""]
+        for v, res in report["lr_sweep"].items():
+            lines.append(f"- {vs[v]['label']}: " + ", ".join(f"lr {lr}: {loss:.4f}" for lr, loss in res.items())
+                         + f" -> {vs[v]['lr']:g}")
+        lines.append("")
+    for key, caption in (("flops_png", "Validation loss against training FLOPs"),
+                         ("wall_png", "Validation loss against wall-clock seconds")):
+        if key in files:
+            lines += [f"![{caption}]({Path(files[key]).name})", ""]
+    lines += ["Runs: " + ", ".join(f"`{Path(r['run_dir']).name}`" for r in report["runs"]), ""]
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Open a trained model for inference: eval, generate and export all start here.
+
+    loaded = load_model("runs/tiny-moe")             # a run folder -> its latest checkpoint
+    loaded = load_model("runs/tiny-moe/checkpoints/step-0000300")
+    loaded.model(idx)                                 # Transformer in eval mode, on `device`
+
+A checkpoint carries everything needed: its resolved config.yaml, model.safetensors and a copy of
+the tokenizer. Every file is checked against state.json's sizes and checksums before use, so a
+truncated or corrupt checkpoint is a CheckpointError (one line, exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from .config import Config, from_dict, validate
+from .errors import CheckpointError, ConfigError, DataError
+from .training import checkpoint as ckpt_io
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference, and where it came from."""
+
+    model: Any  # moe_lm.model.transformer.Transformer, eval mode
+    cfg: Config
+    checkpoint: Path
+    run_dir: Optional[Path]  # the run folder holding the checkpoint, when there is one
+    step: int
+    state: dict  # the checkpoint's state.json
+    tokenizer_path: Path
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.tokenizer_path))
+
+
+def load_model(path: Path | str, device: str | torch.device = "cpu") -> Loaded:
+    """A run folder (its latest checkpoint) or a checkpoint folder -> Loaded (model in eval mode)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist", "pass a run folder (runs/<name>) or a checkpoint folder")
+    if (path / "config.json").is_file() and not (path / "state.json").is_file():  # a `moe-lm export` folder
+        from .export import load_hf_folder
+        return load_hf_folder(path, device)
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    state = ckpt_io.read_state(ckpt)  # sizes and checksums of every file, before any use
+    cfg = _checkpoint_config(ckpt)
+    from .model.transformer import Transformer
+
+    model = Transformer(cfg.model)
+    try:
+        ckpt_io.load_weights(model, ckpt / "model.safetensors")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to read the weights is the checkpoint's
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({type(exc).__name__})",
+                              "use another checkpoint of the run") from exc
+    model.to(device).eval()
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    tok = ckpt / "tokenizer.json"
+    if not tok.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer.json", "use another checkpoint of the run")
+    return Loaded(model=model, cfg=cfg, checkpoint=ckpt, run_dir=run_dir, step=int(state["step"]),
+                  state=state, tokenizer_path=tok)
+
+
+def _checkpoint_config(ckpt: Path) -> Config:
+    try:
+        raw = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+        cfg = from_dict(raw)
+        validate(cfg)
+    except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} has no readable config.yaml ({type(exc).__name__})",
+                              "use another checkpoint of the run") from exc
+    if cfg.model.vocab_size is None:
+        raise CheckpointError(f"checkpoint {ckpt}'s config.yaml does not record model.vocab_size",
+                              "use a checkpoint written by `moe-lm train`")
+    return cfg
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_same_tokenizer(loaded: Loaded, data_dir: Path) -> None:
+    """The data folder must be tokenised with the checkpoint's tokenizer (same ids for the same text)."""
+    from .data.shards import TokenData
+
+    data = TokenData.open(data_dir)
+    if data.vocab_size != loaded.cfg.model.vocab_size or file_digest(data.tokenizer_path) != file_digest(loaded.tokenizer_path):
+        raise DataError(
+            f"{data_dir} was tokenised with another tokenizer ({data.vocab_size} tokens) than the model in "
+            f"{loaded.checkpoint} ({loaded.cfg.model.vocab_size} tokens)",
+            "evaluate on the data folder the run was trained on (--data DIR), or prepare one with "
+            f"`moe-lm prepare --tokenizer {loaded.tokenizer_path}`",
+        )

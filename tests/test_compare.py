@@ -1,0 +1,112 @@
+"""`moe-lm compare-dense`: a fair twin, honest verdicts, and a comparison that resumes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from moe_lm.compare import compare_dense, config_differences, variant_configs, verdict
+from moe_lm.config import load_config
+from moe_lm.errors import ConfigError, RunError
+from moe_lm.model.accounting import flops_per_token
+from moe_lm.training.metrics import read_metrics
+from moe_lm.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def tiny(data_dir: Path, *extra: str) -> list[str]:
+    return [f"data.dir={data_dir}", "model.d_model=32", "model.n_heads=2", "model.n_layers=2",
+            "model.seq_len=32", "model.ffn_hidden=32", "model.moe.n_experts=4", "train.batch_size=4",
+            "train.warmup_steps=2", "train.eval_batches=2", "train.eval_every=3", "train.checkpoint_every=3",
+            "train.max_steps=6", "train.device=cpu", *extra]
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=140)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p).model.moe is not None], ids=lambda p: p.stem)
+def test_the_twin_differs_from_the_moe_only_in_the_ffn(path):
+    cfg = load_config(path, ["model.vocab_size=512"])
+    twin = variant_configs(cfg)["dense"]
+    diffs = config_differences(cfg, twin)
+    moe = cfg.model.moe
+    per_token = moe.capacity_factor if moe.router == "expert_choice" else moe.top_k
+    if moe.every == 1:  # the twin's FFN is as wide as the experts a token visits
+        assert twin.model.ffn_hidden == round((per_token + moe.n_shared_experts) * cfg.model.ffn_hidden)
+    assert all(k == "name" or k == "model.ffn_hidden" or k.startswith("model.moe") for k in diffs), diffs
+    # equal FLOPs per token, the router's apart (the MoE's active width = top_k x expert width)
+    if cfg.model.moe.every == 1:
+        assert flops_per_token(twin.model)["total"] == flops_per_token(cfg.model)["dense"]
+
+
+def test_a_dense_config_is_refused():
+    with pytest.raises(ConfigError, match="needs an MoE config"):
+        variant_configs(load_config(ROOT / "configs" / "tiny-dense.yaml"))
+
+
+def test_the_verdict_claims_a_win_only_when_every_moe_seed_is_below_every_dense_seed():
+    text, pct, win = verdict([90.0, 91.0, 92.0], [100.0, 101.0, 99.0])
+    assert win and pct == pytest.approx(100 * (91 - 100) / 100)
+    assert text.startswith("MoE is 9.0% lower in perplexity at equal training FLOPs (3 seeds; every MoE seed below every dense seed)")
+    text, pct, win = verdict([90.0, 99.5, 92.0], [100.0, 101.0, 99.0])  # overlapping seeds
+    assert not win and "within the spread" in text
+    text, _, win = verdict([110.0, 111.0], [100.0, 101.0])
+    assert not win and "dense twin is" in text and "does not pay" in text
+    _, _, win = verdict([90.0], [100.0])  # one seed has no spread: no claim
+    assert not win
+
+
+def test_an_interrupted_compare_resumes_and_a_finished_one_is_reused(tiny_data_dir, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))
+    out = tmp_path / "cmp"
+    # the state an interrupted compare leaves: the first MoE run stopped at step 3 of 6
+    first = variant_configs(cfg)["moe"]
+    first.name = "tiny-moe-moe-seed0"
+    train(first, out_dir=out / "runs" / "moe-seed0", console=quiet(), plots=False, stop_after=3)
+
+    report = compare_dense(cfg, seeds=2, out_dir=out, console=quiet())
+    moe0 = out / "runs" / "moe-seed0"
+    events = [r["event"] for r in read_metrics(moe0 / "metrics.jsonl") if r["kind"] == "event"]
+    assert "resume" in events  # continued from its checkpoint, not restarted
+    assert [(r["variant"], r["seed"], r["reused"]) for r in report["runs"]] == [
+        ("moe", 0, False), ("dense", 0, False), ("moe", 1, False), ("dense", 1, False)]
+    for r in report["runs"]:
+        assert r["tokens"] == 6 * 4 * 32  # same tokens and schedule for every run
+    for name in ("report.md", "report.json", "val_loss_vs_flops.png", "val_loss_vs_wall.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert report["verdict"] in md and "![Validation loss against training FLOPs]" in md
+
+    again = compare_dense(cfg, seeds=2, out_dir=out, console=quiet())
+    assert all(r["reused"] for r in again["runs"])
+    assert again["variants"]["moe"]["val_ppl"] == report["variants"]["moe"]["val_ppl"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["variants"]["dense"]["val_ppl"] == report["variants"]["dense"]["val_ppl"]
+
+    # the same seeds see the same data: the seed-0 runs of both variants drew identical batches,
+    # so their token counts and FLOP bookkeeping line up step for step
+    m = {r["step"]: r["flops"] for r in read_metrics(moe0 / "metrics.jsonl") if r["kind"] == "eval"}
+    d = {r["step"]: r["flops"] for r in read_metrics(out / "runs" / "dense-seed0" / "metrics.jsonl") if r["kind"] == "eval"}
+    assert sorted(m) == sorted(d)
+
+    # a changed config does not silently reuse the old runs
+    other = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.lr=1e-4"))
+    with pytest.raises(RunError, match="another config"):
+        compare_dense(other, seeds=1, out_dir=out, console=quiet())
+
+
+def test_cli_refuses_a_dense_config_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "moe_lm", "compare-dense", "-c", "configs/tiny-dense.yaml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+    assert "needs an MoE config" in proc.stderr
