@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,23 +29,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from rich.console import Console
-    from rich.table import Table
 
+    from moe_lm.bench import median_prepare, render_prepare
     from moe_lm.data.prepare import bench_prepare
 
-    runs = [bench_prepare(max_bytes=args.max_bytes, vocab_size=args.vocab_size) for _ in range(args.repeats)]
-    r = dict(sorted(runs, key=lambda x: x["tokenise_mb_s"])[len(runs) // 2])  # the median run
-    r["tokenise_mb_s_all"] = [x["tokenise_mb_s"] for x in runs]
-    r["cpus"] = os.cpu_count()
-
-    t = Table(title=f"moe-lm prepare, built-in corpus ({r['cpus']} CPUs, median of {len(runs)})")
-    for col in ("documents", "MB", "tokens", "bytes/token", "tokenizer s", "tokenise s", "tokenise MB/s", "total s"):
-        t.add_column(col, justify="right")
-    t.add_row(f"{r['documents']:,}", f"{r['bytes'] / 1e6:.2f}", f"{r['tokens']:,}", f"{r['bytes_per_token']:.2f}",
-              f"{r['tokenizer_s']:.1f}", f"{r['tokenise_s']:.1f}", f"{r['tokenise_mb_s']:.2f}", f"{r['total_s']:.1f}")
-    (Console() if sys.stdout.isatty() else Console(width=140)).print(t)
-    print(f"tokenisation throughput: {r['tokenise_mb_s']:.2f} MB/s "
-          f"(all runs: {', '.join(f'{x:.2f}' for x in r['tokenise_mb_s_all'])})")
+    r = median_prepare([bench_prepare(max_bytes=args.max_bytes, vocab_size=args.vocab_size) for _ in range(args.repeats)])
+    render_prepare(r, Console() if sys.stdout.isatty() else Console(width=140))
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))
     return r

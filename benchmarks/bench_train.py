@@ -34,28 +34,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from rich.console import Console
-    from rich.table import Table
 
+    from moe_lm.bench import render_train
     from moe_lm.config import load_config
     from moe_lm.training.trainer import bench_train
 
     cfg = load_config(args.config, args.overrides)
     r = bench_train(cfg, steps=args.steps, rounds=args.rounds, warmup=args.warmup, device=args.device)
-
-    console = Console() if sys.stdout.isatty() else Console(width=140)
-    t = Table(title=f"training throughput: {cfg.name} vs its dense twin "
-                    f"({r['device']}, {r['precision']}, {r['threads']} threads, {r['batch_tokens']:,} tokens/step)")
-    for col in ("model", "params", "FLOPs/token", "step ms", "tokens/s (min..max)", "achieved GFLOP/s", "MFU"):
-        t.add_column(col, justify="right" if col != "model" else "left")
-    for name, m in r["models"].items():
-        lo, hi = m["tokens_per_s_spread"]
-        t.add_row(name, f"{m['params'] / 1e6:.2f}M", f"{m['flops_per_token'] / 1e6:.2f}M", f"{m['step_s'] * 1e3:.1f}",
-                  f"{m['tokens_per_s']:,.0f} ({lo:,.0f}..{hi:,.0f})", f"{m['achieved_flops'] / 1e9:.2f}",
-                  f"{m['mfu']:.1%}")
-    console.print(t)
-    console.print(f"matmul peak ({r['precision']}): {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
-    if "moe_over_dense_tokens_per_s" in r:
-        console.print(f"MoE / dense tokens/s: {r['moe_over_dense_tokens_per_s']:.3f}")
+    r["name"] = cfg.name
+    render_train(r, Console() if sys.stdout.isatty() else Console(width=140))
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))
     return r

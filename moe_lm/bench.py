@@ -16,7 +16,6 @@ order, after warm-up rounds; the figure is the median over rounds.
 from __future__ import annotations
 
 import ctypes
-import math
 import platform
 import statistics
 import time
@@ -230,3 +229,51 @@ def render_layer(r: dict, console) -> None:
     console.print(f"matmul peak {r['gflops_peak']:.0f} GFLOP/s; median of {r['repeats']} interleaved rounds after "
                   f"{r['warmup']} warm-up rounds; torch {r['torch']}, transformers {r['transformers']}",
                   markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# `moe-lm bench train` and `moe-lm bench prepare` (measured by trainer.bench_train and
+# data.prepare.bench_prepare; rendered here for the CLI and benchmarks/)
+
+
+def render_train(r: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"training throughput: {r.get('name', 'model')} vs its dense twin "
+                    f"({r['device']}, {r['precision']}, {r['threads']} threads, {r['batch_tokens']:,} tokens/step)",
+              title_justify="left")
+    for col in ("model", "params", "FLOPs/token", "step ms", "tokens/s (min..max)", "achieved GFLOP/s", "MFU"):
+        t.add_column(col, justify="right" if col != "model" else "left")
+    for name, m in r["models"].items():
+        lo, hi = m["tokens_per_s_spread"]
+        t.add_row(name, f"{m['params'] / 1e6:.2f}M", f"{m['flops_per_token'] / 1e6:.2f}M", f"{m['step_s'] * 1e3:.1f}",
+                  f"{m['tokens_per_s']:,.0f} ({lo:,.0f}..{hi:,.0f})", f"{m['achieved_flops'] / 1e9:.2f}",
+                  f"{m['mfu']:.1%}")
+    console.print(t)
+    console.print(f"matmul peak ({r['precision']}): {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s", highlight=False)
+    if "moe_over_dense_tokens_per_s" in r:
+        console.print(f"MoE / dense tokens/s: {r['moe_over_dense_tokens_per_s']:.3f}", highlight=False)
+
+
+def median_prepare(runs: list[dict]) -> dict:
+    """The median of several bench_prepare runs (by tokenisation MB/s), with every run's figure."""
+    import os
+
+    r = dict(sorted(runs, key=lambda x: x["tokenise_mb_s"])[len(runs) // 2])
+    r["tokenise_mb_s_all"] = [x["tokenise_mb_s"] for x in runs]
+    r["cpus"] = os.cpu_count()
+    return r
+
+
+def render_prepare(r: dict, console) -> None:
+    from rich.table import Table
+
+    n = len(r.get("tokenise_mb_s_all", [0]))
+    t = Table(title=f"moe-lm prepare, built-in corpus ({r['cpus']} CPUs, median of {n})", title_justify="left")
+    for col in ("documents", "MB", "tokens", "bytes/token", "tokenizer s", "tokenise s", "tokenise MB/s", "total s"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{r['documents']:,}", f"{r['bytes'] / 1e6:.2f}", f"{r['tokens']:,}", f"{r['bytes_per_token']:.2f}",
+              f"{r['tokenizer_s']:.1f}", f"{r['tokenise_s']:.1f}", f"{r['tokenise_mb_s']:.2f}", f"{r['total_s']:.1f}")
+    console.print(t)
+    console.print(f"tokenisation throughput: {r['tokenise_mb_s']:.2f} MB/s "
+                  f"(all runs: {', '.join(f'{x:.2f}' for x in r['tokenise_mb_s_all'])})", highlight=False)
