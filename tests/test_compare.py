@@ -48,6 +48,18 @@ def test_the_twin_differs_from_the_moe_only_in_the_ffn(path):
         assert flops_per_token(twin.model)["total"] == flops_per_token(cfg.model)["dense"]
 
 
+def test_the_dense_total_reference_has_the_moes_total_parameters():
+    from moe_lm.model.accounting import param_counts
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=8192"])
+    v = variant_configs(cfg, with_dense_total=True)
+    total = param_counts(v["dense-total"].model)["total"]
+    moe = param_counts(cfg.model)
+    assert abs(total - moe["total"]) / moe["total"] < 0.01
+    assert param_counts(v["dense-total"].model)["active"] == total  # dense: every parameter is active
+    assert config_differences(cfg, v["dense-total"]) == config_differences(cfg, v["dense"])
+
+
 def test_a_dense_config_is_refused():
     with pytest.raises(ConfigError, match="needs an MoE config"):
         variant_configs(load_config(ROOT / "configs" / "tiny-dense.yaml"))
