@@ -79,6 +79,35 @@ def moe_ffn(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
     raise ValueError(f"unknown dispatch path {path!r} (known: {', '.join(PATHS)})")
 
 
+def moe_ffn_expert_parallel(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
+                            experts, ep, path: Optional[str] = None) -> torch.Tensor:
+    """moe_ffn when this rank holds only experts [ep.first, ep.first + ep.n_local) of
+    E = ep.n_local · ep.world_size (`ep`: a distributed.ExpertParallel; expert ids are global).
+
+    Rows go to the rank of their expert and come back with all_to_all_single (autograd through
+    both exchanges); the gate weight is applied here, on the token's own rank, so the router's
+    gradient never leaves it. Exchanged per layer: the (N, E_local) counts, then the rows.
+    """
+    from .. import distributed
+
+    N, n_local = ep.world_size, ep.n_local
+    order = torch.argsort(expert, stable=True)  # by expert = by destination rank, then expert
+    token_s, weight_s = token[order], weight[order]
+    sent = torch.bincount(expert, minlength=N * n_local)  # (E,) rows for each expert
+    got = distributed.exchange_counts(sent).view(N, n_local)  # (source rank, local expert)
+    # NOTE: one host sync per layer: all_to_all_single takes its split sizes as Python ints.
+    send_splits, recv_splits = sent.view(N, n_local).sum(1).tolist(), got.sum(1).tolist()
+    rows = distributed.all_to_all(x.index_select(0, token_s), send_splits, recv_splits)  # (R, d)
+    local_expert = torch.arange(n_local, device=x.device).repeat(N).repeat_interleave(got.reshape(-1))
+    R = rows.shape[0]
+    # each received row through its expert, unscaled and in place (token = its own row)
+    out = moe_ffn(rows, torch.arange(R, device=x.device), local_expert, rows.new_ones(R, dtype=torch.float32),
+                  experts, path=path)
+    back = distributed.all_to_all(out, recv_splits, send_splits)  # (A, d), in token_s order
+    y = back.new_zeros((x.shape[0], back.shape[1]))
+    return y.index_add(0, token_s, back * weight_s[:, None].to(back.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # activations (forward, and backward from the pre-activation h)
 

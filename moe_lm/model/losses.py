@@ -8,6 +8,10 @@ when layer 1 sends everything to expert 0 and layer 2 everything to expert 1.
 - switch_loss: Switch Transformer, N · Σ_i f_i · P_i (= 1 at perfect balance, N when collapsed).
 - z_loss: ST-MoE router z-loss, mean over tokens of logsumexp(logits)².
 Coefficients are applied by the caller (the MoE layer).
+
+Under torchrun each rank sees its share of the batch; `batch_sum` (distributed.sum_over_ranks, a
+differentiable sum over the ranks) turns the sums over tokens into the global batch's, so every
+rank computes the single-process loss. None = this process holds the whole batch.
 """
 
 from __future__ import annotations
@@ -57,20 +61,29 @@ def importance(r: Routing, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, device=r.weight.device, dtype=r.weight.dtype).index_add(0, r.expert, r.weight)
 
 
-def shazeer_loss(r: Routing, n_experts: int) -> torch.Tensor:
+def shazeer_loss(r: Routing, n_experts: int, batch_sum=None) -> torch.Tensor:
     """CV(Importance)² + CV(Load)² (unweighted; the paper's w_importance = w_load = the coefficient)."""
     if r.noisy_logits is None or r.noise_std is None:
         raise ValueError("the shazeer balance loss needs the noisy_topk router")
     load = smooth_load(r.logits, r.noisy_logits, r.noise_std, r.top_k).sum(dim=0)
-    return cv_squared(importance(r, n_experts)) + cv_squared(load)
+    imp = importance(r, n_experts)
+    if batch_sum is not None:
+        imp, load = batch_sum(torch.cat([imp, load.to(imp.dtype)])).split(n_experts)
+    return cv_squared(imp) + cv_squared(load)
 
 
-def switch_loss(r: Routing, n_experts: int) -> torch.Tensor:
+def switch_loss(r: Routing, n_experts: int, batch_sum=None) -> torch.Tensor:
     """N · Σ_i f_i · P_i: f_i = share of the router's assignments that went to expert i (counted,
     no gradient), P_i = mean router probability of expert i (the gradient's path)."""
     counts = torch.bincount(r.expert, minlength=n_experts).float()
+    if batch_sum is None:
+        P = r.probs.mean(dim=0)
+    else:  # one sum over the ranks: counts, Σ_tokens p, and the token count
+        n_tokens = counts.new_full((1,), r.probs.shape[0])
+        counts, p_sum, n_tokens = batch_sum(torch.cat([counts, r.probs.sum(dim=0), n_tokens])).split(
+            [n_experts, n_experts, 1])
+        counts, P = counts.detach(), p_sum / n_tokens.detach()
     f = counts / counts.sum().clamp_min(1.0)
-    P = r.probs.mean(dim=0)
     return n_experts * (f * P).sum()
 
 
@@ -79,11 +92,11 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-def balance_loss(name: str, r: Routing, n_experts: int) -> torch.Tensor:
+def balance_loss(name: str, r: Routing, n_experts: int, batch_sum=None) -> torch.Tensor:
     if name == "switch":
-        return switch_loss(r, n_experts)
+        return switch_loss(r, n_experts, batch_sum)
     if name == "shazeer":
-        return shazeer_loss(r, n_experts)
+        return shazeer_loss(r, n_experts, batch_sum)
     return r.logits.new_zeros(())
 
 

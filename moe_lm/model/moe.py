@@ -86,6 +86,12 @@ class Experts(nn.Module):
         """(E, d, 2h) for swiglu, else (E, d, h)."""
         return self.w_gate_up if self.activation == "swiglu" else self.w_up
 
+    def keep(self, first: int, count: int) -> None:
+        """Keep experts [first, first + count) only (expert parallelism: this rank's share)."""
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.detach()[first:first + count].clone()))
+        self.n_experts = count
+
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x (n, d) -> (n, d). The plain definition (reference and fallback)."""
         return activate(x @ self.w_in[e], self.activation) @ self.w_down[e]
@@ -140,6 +146,15 @@ class MoELayer(nn.Module):
         # eval's specialisation report sets record=True to read the kept (token, expert) pairs
         self.record = False
         self.last_assignments: tuple[torch.Tensor, torch.Tensor] | None = None
+        # under torchrun (moe_lm.distributed.prepare_model): the differentiable sum over the ranks
+        # that makes balance losses see the global batch, and this rank's share of the experts
+        self.sum_over_ranks = None
+        self.expert_parallel = None
+
+    def shard_experts(self, ep) -> None:
+        """Hold experts [ep.first, ep.first + ep.n_local) of n_experts (a distributed.ExpertParallel)."""
+        self.experts.keep(ep.first, ep.n_local)
+        self.expert_parallel = ep
 
     def capacity(self, n_tokens: int) -> int | None:
         cf = self.cfg.capacity_factor
@@ -160,7 +175,11 @@ class MoELayer(nn.Module):
             token, expert, weight = token[keep], expert[keep], weight[keep]
         if self.record:
             self.last_assignments = (token.detach(), expert.detach())  # token indexes x's (T, d) rows
-        y = dispatch.moe_ffn(x, token, expert, weight, self.experts, path=self.dispatch_path)
+        if self.expert_parallel is not None:
+            y = dispatch.moe_ffn_expert_parallel(x, token, expert, weight, self.experts, self.expert_parallel,
+                                                 path=self.dispatch_path)
+        else:
+            y = dispatch.moe_ffn(x, token, expert, weight, self.experts, path=self.dispatch_path)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.reshape(shape), self._stats(r, expert, n_assigned, x.shape[0], token)
@@ -178,7 +197,7 @@ class MoELayer(nn.Module):
                 dropped = torch.tensor(1.0 - kept_expert.numel() / max(n_assigned, 1), device=load.device)
             ent = losses.entropy(r.probs)
         zero = r.logits.new_zeros(())
-        bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E)
+        bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E, self.sum_over_ranks)
                if cfg.balance_loss != "none" and cfg.balance_coef > 0 else zero)
         z = cfg.z_loss_coef * losses.z_loss(r.logits) if cfg.z_loss_coef > 0 else zero
         return MoEStats(load, imp, dropped, ent, bal, z)

@@ -125,12 +125,20 @@ class NoisyTopK(nn.Module):
                           stacklevel=2)
         self.w_gate = nn.Parameter(torch.zeros(cfg.n_experts, d_model))
         self.w_noise = nn.Parameter(torch.zeros(cfg.n_experts, d_model))
+        # (rank, world size) under torchrun: x holds this rank's rows of the global batch
+        self.batch_share = (0, 1)
 
     def forward(self, x: torch.Tensor) -> Routing:
         clean = _router_linear(x, self.w_gate)  # (T, E)
         noise_std = F.softplus(_router_linear(x, self.w_noise))
         if self.training:
-            noisy = clean + torch.randn_like(clean) * noise_std
+            rank, world = self.batch_share
+            T = clean.shape[0]
+            # NOTE: every rank draws the whole batch's noise and keeps its rows: the ranks' RNGs stay
+            # in step, and N ranks draw exactly what one process would.
+            noise = torch.randn_like(clean) if world == 1 else \
+                torch.randn(world * T, clean.shape[1], dtype=clean.dtype, device=clean.device)[rank * T:(rank + 1) * T]
+            noisy = clean + noise * noise_std
         else:
             noisy = clean
         top_h, top_idx = noisy.topk(self.top_k, dim=-1)
@@ -212,6 +220,8 @@ class SigmoidBias(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         load = self.load_since_update
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank moves its bias by the global load
         if load.sum() > 0:
             self.bias += self.rate * torch.sign(load.mean() - load)
         load.zero_()
