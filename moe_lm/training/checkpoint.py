@@ -47,7 +47,7 @@ LATEST = "latest"
 RESUMABLE_CHANGES = (
     "name", "data.dir", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "train.device", "train.dtype", "train.compile",
-    "train.tensorboard",
+    "train.tensorboard", "model.moe.expert_parallel",
 )
 
 # Test hook (used only by tests/test_checkpoint*.py): "STEP:SECONDS" sleeps inside the write of
@@ -131,12 +131,14 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return unique, tied
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    unique, tied = _dedupe_tied(model.state_dict())
+def save_weights(model: torch.nn.Module, path: Path, state: Optional[dict] = None) -> None:
+    """state: model.state_dict() unless given (expert parallel: the experts gathered from all ranks)."""
+    unique, tied = _dedupe_tied(model.state_dict() if state is None else state)
     save_file(unique, str(path), metadata={"format": "pt", "tied": json.dumps(tied)})
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, layout: Any = None) -> None:
+    """layout: maps the single-process weights onto this rank's share (distributed.LocalLayout)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -144,6 +146,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
     for alias, target in json.loads(meta.get("tied", "{}")).items():
         state[alias] = state[target]
+    if layout is not None:
+        state = layout.weights(state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = []
@@ -312,18 +316,20 @@ def check_config(ckpt: Path, state: dict, cfg: Config) -> None:
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    *, scaler: Any = None, map_location: Any = "cpu", restore_rng: bool = True) -> dict:
+                    *, scaler: Any = None, map_location: Any = "cpu", restore_rng: bool = True,
+                    layout: Any = None) -> dict:
     """Load weights (+ optimizer, grad scaler, RNG) from a checkpoint verified by read_state.
 
-    Returns state.json's dict.
+    layout (expert parallel): a distributed.LocalLayout that keeps this rank's experts of the
+    single-process layout checkpoints are saved in. Returns state.json's dict.
     """
     ckpt = Path(ckpt)
     state = read_state(ckpt)
     try:
-        load_weights(model, ckpt / "model.safetensors")
+        load_weights(model, ckpt / "model.safetensors", layout)
         if optimizer is not None:
             opt = torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True)
-            optimizer.load_state_dict(opt["optimizer"])
+            optimizer.load_state_dict(opt["optimizer"] if layout is None else layout.optimizer_state(opt["optimizer"]))
             if scaler is not None and opt.get("scaler"):
                 scaler.load_state_dict(opt["scaler"])
         if restore_rng:
@@ -353,10 +359,12 @@ def clean_partial(ckpt_root: Path) -> None:
 
 def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     cfg: Config, state: dict, tokenizer_path: Optional[Path] = None, scaler: Any = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
     """Write checkpoints/step-NNNNNNN atomically, point `latest` at it, keep the last `keep`.
 
     `state`: the trainer's extra state for state.json (tokens, wall clock, alarm counters...).
+    model_state, optimizer_state: instead of the model's and optimizer's own state_dict() (expert
+    parallel: gathered into the single-process layout).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -366,9 +374,9 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    save_weights(model, tmp / "model.safetensors")
+    save_weights(model, tmp / "model.safetensors", model_state)
     _maybe_sleep_for_test(step)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
+    torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state, "scaler": scaler.state_dict() if scaler is not None else None},
                tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     _write_text(tmp / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -90,10 +90,13 @@ class LoadMeter:
     """Sums the MoE layers' statistics over micro-batches and steps until `read()`.
 
     Sums stay tensors on the model's device, so `add` never waits for the accelerator.
+    dist (a moe_lm.distributed.Dist, under torchrun): `read()` sums the loads over the ranks and
+    averages the rest, so every rank reads the global batch's statistics (a collective).
     """
 
-    def __init__(self, layer_ids: list[int]):
+    def __init__(self, layer_ids: list[int], dist: Any = None):
         self.layer_ids = list(layer_ids)
+        self.dist = dist
         self.reset()
 
     def reset(self) -> None:
@@ -120,6 +123,11 @@ class LoadMeter:
         out = []
         if self._n == 0:
             return out
+        if self.dist is not None and self.dist.enabled:
+            E, L = self._load[0].numel(), len(self.layer_ids)
+            packed = self.dist.all_reduce_(torch.cat([torch.stack(self._load).flatten(), torch.stack(self._sums).flatten()]))
+            self._load = list(packed[:L * E].view(L, E))
+            self._sums = list(packed[L * E:].view(L, -1) / self.dist.world_size)
         for layer, load, sums in zip(self.layer_ids, self._load, self._sums):
             counts = load.cpu().tolist()
             dropped, entropy, bal, z = (sums / self._n).cpu().tolist()
@@ -229,7 +237,9 @@ class CollapseAlarm:
 # metrics.jsonl records (schema: docs/METRICS.md)
 
 
-def _round(x: float, digits: int = 6) -> float:
+# NOTE: 8 significant digits keep a float32 value (~7.2 digits) whole: two runs that should agree
+# (a resume, N processes against one) can be compared from their metrics.jsonl.
+def _round(x: float, digits: int = 8) -> float:
     if x is None or not math.isfinite(x):
         return x
     return float(f"{x:.{digits}g}")

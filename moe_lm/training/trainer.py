@@ -12,6 +12,9 @@
 Exact resume: the model, optimizer and RNG states are in the checkpoint; the learning rate is a
 pure function of the step; batch i of the data stream is a pure function of (seed, i); and the
 evaluation runs under a forked RNG, so N steps + resume + N steps equals 2N steps on CPU.
+
+Under torchrun (docs/DISTRIBUTED.md) every rank runs this same recipe on its rows of each global
+batch (moe_lm.distributed); rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -36,6 +40,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
+from .. import distributed
 from ..config import Config, dump_yaml, validate
 from ..errors import ConfigError, DataError, RunError, TrainingError
 from . import checkpoint as ckpt_io
@@ -82,19 +87,43 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
     first. stop_after: stop (with a checkpoint) after this step while the learning-rate schedule
     still spans train.max_steps - a time-boxed session that a later --resume continues exactly.
     plots: draw runs/<name>/plots/ at the end (compare-dense and tests may skip it).
+
+    Launched by torchrun (WORLD_SIZE > 1), every rank calls this; it joins the process group and
+    leaves it at the end. A rank that loses its peers stops with a TrainingError.
     """
+    with distributed.process_group(cfg.train.device) as ctx:
+        try:
+            return _train(cfg, ctx, out_dir, resume, overwrite, console, command_line, stop_after, plots)
+        except Exception as exc:
+            if not (ctx.enabled and distributed.is_comm_error(exc)):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = re.sub(r"\[[^\]]*\.(?:cc|cpp|h)(?::\d+)?\]\s*", "", first)  # gloo's source location
+            first = first.split(". ")[0][:200]
+            raise TrainingError(
+                f"rank {ctx.rank} of {ctx.world_size} lost contact with the other processes ({first}): another rank "
+                f"probably died (see its error above) or hangs", "fix that, then continue with --resume auto",
+            ) from exc
+
+
+def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, console, command_line, stop_after,
+           plots) -> TrainResult:
     from rich.console import Console
 
-    console = console if console is not None else Console()
+    # NOTE: under torchrun only rank 0 talks; the others run the same code with a silent console
+    console = (console if console is not None else Console()) if ctx.is_main else Console(quiet=True)
     cfg = copy.deepcopy(cfg)
     t = cfg.train
 
     # 1. validate everything before any training work ------------------------------------------
     validate(cfg)
+    _check_parallel(cfg, ctx)
     if resume is not None and overwrite:
         raise RunError("--resume and --overwrite contradict each other", "pass one of them")
     data = _open_data(cfg)  # also sets model.vocab_size from the tokenizer when null
     device, amp_dtype = resolve_device(t.device, t.dtype)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
     start_ckpt, _ = _plan_resume(run_dir, resume, overwrite, cfg, data)
     if t.tensorboard and not tensorboard_available():
@@ -108,42 +137,53 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
     # 2. seed, model, optimizer ----------------------------------------------------------------
     seed_everything(t.seed)
     model = Transformer(cfg.model).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    expert_parallel = ctx.enabled and cfg.model.moe is not None and cfg.model.moe.expert_parallel
+    distributed.prepare_model(model, ctx, expert_parallel)  # no-op in one process
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    forward = torch.compile(model) if t.compile else model
+    ddp = distributed.wrap_ddp(model, ctx) if ctx.enabled else None
+    forward = torch.compile(ddp or model) if t.compile else (ddp or model)
     moe_layers = moe_layer_ids(cfg)
     fpt = training_flops_per_token(flops_per_token, cfg.model)
     tokens_per_step = t.batch_size * cfg.model.seq_len
     micro_bs = t.batch_size // t.grad_accum
+    rank_bs = micro_bs // ctx.world_size  # this rank's rows of each micro-batch
     train_tokens, val_tokens = data.split("train"), data.split("val")
-    # the same seeded validation windows at every evaluation
-    val_batches = list(eval_windows(val_tokens, cfg.model.seq_len, micro_bs, n_batches=t.eval_batches, seed=t.seed))
+    # the same seeded validation windows at every evaluation (each rank takes its rows)
+    val_batches = [(x[ctx.rank * rank_bs:(ctx.rank + 1) * rank_bs], y[ctx.rank * rank_bs:(ctx.rank + 1) * rank_bs])
+                   for x, y in eval_windows(val_tokens, cfg.model.seq_len, micro_bs, n_batches=t.eval_batches,
+                                            seed=t.seed)]
 
     # 3. resume, or start a fresh run folder -----------------------------------------------------
     alarm = CollapseAlarm(cfg.model.moe)
     step, tokens, wall_s, last_val = 0, 0, 0.0, None
     if start_ckpt is not None:
-        st = ckpt_io.load_checkpoint(start_ckpt, model, optimizer, scaler=scaler, map_location=device)
+        # every rank loads the single-process checkpoint (expert parallel: its own experts of it)
+        layout = distributed.LocalLayout(model, optimizer) if expert_parallel else None
+        st = ckpt_io.load_checkpoint(start_ckpt, model, optimizer, scaler=scaler, map_location=device, layout=layout)
         step, tokens, wall_s = st["step"], st["tokens"], st.get("wall_s", 0.0)
         alarm.load_state_dict(st.get("alarm", {}))
         last_val = st.get("last_val")
         if step != st.get("next_batch_index", step):
             raise ConfigError(f"checkpoint {start_ckpt} has a data position unknown to this trainer")
-    _prepare_run_dir(run_dir, cfg, start_ckpt, step, overwrite, data, device, amp_dtype, command_line)
-    sink = JsonlSink(run_dir / "metrics.jsonl")
-    tb = TensorBoardSink(run_dir / "tensorboard") if t.tensorboard else None
-    write = lambda rec: (sink.write(rec), tb.write(rec) if tb else None)  # noqa: E731
+    ctx.barrier()  # every rank has checked the run folder before rank 0 changes it
+    sink = tb = None
+    if ctx.is_main:
+        _prepare_run_dir(run_dir, cfg, start_ckpt, step, overwrite, data, device, amp_dtype, command_line)
+        sink = JsonlSink(run_dir / "metrics.jsonl")
+        tb = TensorBoardSink(run_dir / "tensorboard") if t.tensorboard else None
+    write = lambda rec: (sink.write(rec), tb.write(rec) if tb else None) if sink else None  # noqa: E731
     if start_ckpt is not None:
         write(event_record(step=step, event="resume", message=f"resumed from {start_ckpt}"))
     else:
         write(event_record(step=0, event="start", message=f"{cfg.name} on {device.type}"))
 
     end_step = t.max_steps if stop_after is None else min(t.max_steps, stop_after)
-    console.print(_start_line(cfg, model, device, amp_dtype, run_dir, step, start_ckpt), markup=False,
+    console.print(_start_line(cfg, n_params, device, amp_dtype, run_dir, step, start_ckpt, ctx), markup=False,
                   highlight=False, soft_wrap=True)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
-    params = [p for p in model.parameters() if p.requires_grad]
-    meter, val_meter = LoadMeter(moe_layers), LoadMeter(moe_layers)
+    meter, val_meter = LoadMeter(moe_layers, ctx), LoadMeter(moe_layers, ctx)
     last_ckpt: Optional[Path] = start_ckpt
     saved_step: Optional[int] = None
     last_ce: Optional[float] = None
@@ -151,7 +191,7 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
     window = _Window()
 
     def evaluate_now() -> dict:
-        val_loss = evaluate(forward, model, val_batches, device, amp, val_meter)
+        val_loss = evaluate(forward, model, val_batches, device, amp, val_meter, ctx)
         rec = eval_record(step=step, tokens=tokens, flops=fpt * tokens, wall_s=wall_s, val_loss=val_loss,
                           layers=val_meter.read())
         write(rec)
@@ -167,12 +207,17 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
         saved_step = step
         extra = {"tokens": tokens, "wall_s": wall_s, "flops": fpt * tokens, "next_batch_index": step,
                  "data_seed": t.seed, "alarm": alarm.state_dict(), "last_val": last_val}
-        path = ckpt_io.save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, cfg=cfg, state=extra,
-                                       tokenizer_path=data.tokenizer_path, scaler=scaler, keep=t.keep_checkpoints)
+        # expert parallel: the experts of every rank gathered, so the checkpoint reads as one process's
+        weights, opt_state = distributed.full_states(model, optimizer, ctx) if expert_parallel else (None, None)
+        path = run_dir / "checkpoints" / ckpt_io.step_dir_name(step)
+        if ctx.is_main:
+            path = ckpt_io.save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, cfg=cfg, state=extra,
+                                           tokenizer_path=data.tokenizer_path, scaler=scaler, keep=t.keep_checkpoints,
+                                           model_state=weights, optimizer_state=opt_state)
         write(event_record(step=step, event="checkpoint", message=str(path)))
         return path
 
-    stop = _StopRequest()
+    stop = _StopRequest(synced=ctx.enabled)
     with stop, TrainDisplay(console, name=cfg.name, start_step=step, max_steps=t.max_steps,
                             log_every=t.log_every) as display:
         if step == 0 and start_ckpt is None:
@@ -180,31 +225,43 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
 
         # 4. the loop -----------------------------------------------------------------------
         while step < end_step and not stop.requested:
+            distributed.maybe_die_for_test(ctx, step)
             t0 = time.perf_counter()
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # NOTE: batch `step` of the seeded stream, split into micro-batches: grad_accum changes
-            # memory use, not the data or the gradient.
+            # memory use, not the data or the gradient. Under torchrun each rank takes its rows of
+            # every micro-batch, so the ranks together see exactly the single-process micro-batches.
             x, y = get_batch(train_tokens, step, t.batch_size, cfg.model.seq_len, t.seed)
             sums = torch.zeros(3, device=device)  # ce, balance, z
             for micro in range(t.grad_accum):
-                xs = x[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
-                ys = y[micro * micro_bs:(micro + 1) * micro_bs].to(device, non_blocking=True)
-                with amp():
-                    out = forward(xs, ys)
-                aux = _as_tensor(out.aux_loss, out.loss)
-                z = _as_tensor(out.z_loss, out.loss)
-                loss = (out.loss + aux + z) / t.grad_accum
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                lo = micro * micro_bs + ctx.rank * rank_bs
+                xs = x[lo:lo + rank_bs].to(device, non_blocking=True)
+                ys = y[lo:lo + rank_bs].to(device, non_blocking=True)
+                # DDP averages the gradients over the ranks once, after the last micro-batch
+                with ddp.no_sync() if ddp is not None and micro < t.grad_accum - 1 else nullcontext():
+                    with amp():
+                        out = forward(xs, ys)
+                    aux = _as_tensor(out.aux_loss, out.loss)
+                    z = _as_tensor(out.z_loss, out.loss)
+                    loss = (out.loss + aux + z) / t.grad_accum
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
                 sums += torch.stack([out.loss.detach(), aux.detach(), z.detach()]).float() / t.grad_accum
                 meter.add(out.moe_stats)
+            if expert_parallel:
+                distributed.finish_expert_grads(model, ctx)
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            grad_norm = distributed.clip_grad_norm_(model, t.grad_clip if t.grad_clip > 0 else float("inf"), ctx)
+            if ctx.enabled:
+                # NOTE: the ranks' means -> the global batch's; a Ctrl-C seen by any rank stops them
+                # all after this same step
+                both = ctx.all_reduce_(torch.cat([sums, sums.new_tensor([float(stop.signalled)])]))
+                sums, stop.requested = both[:3] / ctx.world_size, bool(both[3] > 0)
             # one host sync per step: the values to log, and the finiteness check
             ce, aux_v, z_v, gn = torch.cat([sums, grad_norm.detach().float().reshape(1).to(device)]).tolist()
             # (with float16 the grad scaler handles an inf gradient norm itself: it skips the step)
@@ -256,10 +313,11 @@ def train(cfg: Config, out_dir: Optional[Path | str] = None, resume: Optional[st
                 last_ckpt = save_now()
             write(event_record(step=step, event="interrupted", message=f"checkpoint {last_ckpt}"))
             display.note(f"interrupted at step {step}: checkpoint saved to {last_ckpt}")
-    sink.close()
+    if sink:
+        sink.close()
     if tb:
         tb.close()
-    figures = _make_plots(run_dir, console) if plots else []
+    figures = _make_plots(run_dir, console) if plots and ctx.is_main else []
     result = TrainResult(
         run_dir=run_dir, steps=step, tokens=tokens,
         val_loss=last_val["val_loss"] if last_val else None, val_ppl=last_val["val_ppl"] if last_val else None,
@@ -305,6 +363,23 @@ def _open_data(cfg: Config):
             raise DataError(f"the {split} split of {data_dir} has {n} tokens, fewer than model.seq_len + 1 = {need}",
                             "lower model.seq_len or prepare more text")
     return data
+
+
+def _check_parallel(cfg: Config, ctx: distributed.Dist) -> None:
+    """Under torchrun: the global batch must split evenly over ranks and micro-batches, and the
+    experts over the ranks (expert parallel)."""
+    if not ctx.enabled:
+        return
+    t, moe, n = cfg.train, cfg.model.moe, ctx.world_size
+    if t.batch_size % (n * t.grad_accum) != 0:
+        step = n * t.grad_accum
+        raise ConfigError(
+            f"train.batch_size = {t.batch_size} is the global batch and must be divisible by the number of processes "
+            f"x train.grad_accum = {n} x {t.grad_accum} = {step}",
+            f"e.g. train.batch_size={max(step, t.batch_size // step * step)}")
+    if moe is not None and moe.expert_parallel and moe.n_experts % n != 0:
+        raise ConfigError(f"model.moe.expert_parallel = true needs model.moe.n_experts ({moe.n_experts}) divisible by "
+                          f"the number of processes ({n})", "change --nproc_per_node or model.moe.n_experts")
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, Optional[torch.dtype]]:
@@ -458,6 +533,7 @@ def environment(device: torch.device, amp_dtype, command_line, data=None, resume
         "moe_lm": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "platform": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "world_size": distributed.env_world_size(),
         "device": device.type, "device_name": _device_name(device),
         "precision": "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast",
         "command_line": list(command_line) if command_line else None, "cwd": os.getcwd(),
@@ -493,9 +569,11 @@ def _git_commit() -> Optional[str]:
 
 
 @torch.no_grad()
-def evaluate(forward, model: torch.nn.Module, batches: list, device: torch.device, amp, meter: LoadMeter) -> float:
+def evaluate(forward, model: torch.nn.Module, batches: list, device: torch.device, amp, meter: LoadMeter,
+             ctx: distributed.Dist = distributed.SINGLE) -> float:
     """Mean validation cross-entropy over fixed windows. Runs under a forked RNG so an evaluation
-    never changes what training draws next (exact resume)."""
+    never changes what training draws next (exact resume). Under torchrun each rank passes its rows
+    of the windows and gets the mean over all of them."""
     model.eval()
     total, count = 0.0, 0
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -508,14 +586,21 @@ def evaluate(forward, model: torch.nn.Module, batches: list, device: torch.devic
             count += y.numel()
             meter.add(out.moe_stats)
     model.train()
+    if ctx.enabled:
+        total, count = ctx.all_reduce_(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     return total / max(count, 1)
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once.
 
-    def __init__(self):
+    synced (torchrun): the loop acts on `requested`, which the trainer sets from every rank's
+    `signalled` at the step's all-reduce, so all ranks stop after the same step."""
+
+    def __init__(self, synced: bool = False):
         self.requested = False
+        self.signalled = False
+        self.synced = synced
         self._prev = None
 
     def __enter__(self):
@@ -524,9 +609,11 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.signalled:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signalled = True
+        if not self.synced:
+            self.requested = True
 
     def __exit__(self, *exc):
         if self._prev is not None:
@@ -584,12 +671,15 @@ def _make_plots(run_dir: Path, console) -> list[Path]:
         return []
 
 
-def _start_line(cfg: Config, model, device, amp_dtype, run_dir: Path, step: int, start_ckpt) -> str:
-    n = sum(p.numel() for p in model.parameters())
+def _start_line(cfg: Config, n: int, device, amp_dtype, run_dir: Path, step: int, start_ckpt,
+                ctx: distributed.Dist = distributed.SINGLE) -> str:
     prec = "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
     moe = cfg.model.moe
     kind = (f"MoE {moe.n_experts} experts top-{moe.top_k} {moe.router}" if moe is not None else "dense")
     where = f"resuming at step {step} from {start_ckpt}" if start_ckpt is not None else "starting"
+    if ctx.enabled:
+        ep = moe is not None and moe.expert_parallel
+        prec += f", {ctx.world_size} processes ({'data + expert parallel' if ep else 'data parallel'})"
     return (f"{cfg.name}: {kind}, {n / 1e6:.2f}M parameters, {device.type} {prec}, "
             f"{cfg.train.max_steps} steps x {cfg.train.batch_size * cfg.model.seq_len:,} tokens; "
             f"{where} -> {run_dir}")
