@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import MoeLmError
@@ -112,7 +113,11 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start again."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
-    """Train the model of a config, logging loss, perplexity and per-expert load."""
+    """Train the model of a config, logging loss, perplexity and per-expert load.
+
+    Several processes: torchrun --nproc_per_node=N -m moe_lm train --config X.yaml (data parallel;
+    add model.moe.expert_parallel=true to spread the experts over the processes). See docs/DISTRIBUTED.md.
+    """
     from .config import dump_yaml, load_config
 
     cfg = load_config(config, overrides or [])
@@ -268,6 +273,117 @@ def bench_layer_cmd(
         render_layer(r, console)
 
 
+# ---------------------------------------------------------------------------------------------
+# export, generate
+
+
+@app.command()
+def export(
+    path: Path = typer.Argument(..., help="A run folder (its latest checkpoint) or a checkpoint folder.", show_default=False),
+    fmt: str = typer.Option("hf", "--format", help="hf: a folder that transformers loads (Llama / Mixtral / Qwen2-MoE)."),
+    out: Path = typer.Option(..., "--out", help="Output folder.", show_default=False),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder."),
+) -> None:
+    """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load offline.
+
+    Only exact matches export: a model no transformers architecture computes exactly (relu/gelu
+    FFNs, expert_choice, sigmoid_bias, capacity limits) is refused, never approximated.
+    """
+    from .errors import ExportError
+    from .export import export_hf
+
+    if fmt != "hf":
+        raise ExportError(f"--format {fmt} is not supported", "use --format hf")
+    r = export_hf(path, out, overwrite=overwrite)
+    console.print(f"exported {r.checkpoint} (step {r.step}, {r.n_params:,} parameters) as {r.architecture} "
+                  f"to {r.out_dir}: {', '.join(r.files)}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def generate(
+    path: Path = typer.Argument(..., help="A run folder, a checkpoint folder or an exported folder.", show_default=False),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (empty: start a new document)."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate at most (stops earlier at end-of-text)."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy; higher = more random."),
+    top_k: Optional[int] = typer.Option(50, "--top-k", help="Sample among the K most likely tokens (0 = all)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample among the most likely tokens whose probability reaches P."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same text."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at each token (slow; for comparison)."),
+) -> None:
+    """Sample text from a trained model, streamed as it is generated (KV cache)."""
+    from .generate import stream
+    from .loading import load_model
+    from .training.trainer import resolve_device
+
+    dev, _ = resolve_device(device, "float32")
+    loaded = load_model(path, device=dev)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    write(prompt)
+    stats = stream(loaded, prompt, write, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k or None, top_p=top_p, seed=seed, use_cache=not no_cache)
+    write("\n")
+    end = "end-of-text" if stats.stopped_at_eot else "max tokens"
+    err_console.print(f"[dim]{stats.new_tokens} tokens in {stats.seconds:.2f} s ({stats.tokens_per_s:.1f} tokens/s, "
+                      f"{'no ' if no_cache else ''}KV cache, stopped at {end})[/]", highlight=False)
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    config: Path = typer.Option(Path("configs/tiny-moe.yaml"), "--config", "-c", help="An MoE config."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    steps: int = typer.Option(5, "--steps", help="Optimizer steps per timed round."),
+    rounds: int = typer.Option(5, "--rounds", help="Timed rounds per model, alternating (the median counts)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed steps per model first."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps [default: the config's train.device]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Training tokens/s of a config's model and of its dense twin, alternating in one process;
+    their ratio, model FLOP utilisation against the measured matmul peak, and peak memory."""
+    import json
+    import resource
+
+    from .bench import render_train
+    from .config import load_config
+    from .training.trainer import bench_train
+
+    cfg = load_config(config, overrides or [])
+    r = bench_train(cfg, steps=steps, rounds=rounds, warmup=warmup, device=device)
+    r["name"] = cfg.name
+    # NOTE: the process's peak resident memory, both models together (ru_maxrss is in KiB on Linux)
+    r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if json_out:
+        console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
+    else:
+        render_train(r, console)
+        console.print(f"peak resident memory of this process (both models): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
+                      highlight=False)
+
+
+@bench_app.command("prepare")
+def bench_prepare_cmd(
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Cap the corpus [default: all of it]."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="BPE vocabulary to train."),
+    repeats: int = typer.Option(1, "--repeats", help="Runs (the median counts)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Tokeniser training time and tokenisation MB/s of `prepare` on the built-in corpus (in a temporary folder)."""
+    import json
+
+    from .bench import median_prepare, render_prepare
+    from .data.prepare import bench_prepare
+
+    r = median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(max(1, repeats))])
+    if json_out:
+        console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
+    else:
+        render_prepare(r, console)
+
+
 def run() -> None:
     """Console-script entry point: run the app, turning user errors into one line + exit 2."""
     try:
@@ -275,7 +391,7 @@ def run() -> None:
     except MoeLmError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -296,7 +412,7 @@ def run() -> None:
         if _state["debug"]:
             raise
         err_console.print(
-            f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc} (this is a bug; rerun with --debug for the traceback)",
+            f"[bold red]unexpected error:[/] {type(exc).__name__}: {escape(str(exc))} (this is a bug; rerun with --debug for the traceback)",
             highlight=False, soft_wrap=True,
         )
         sys.exit(1)

@@ -159,6 +159,8 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
     if seeds < 1:
         raise ConfigError(f"--seeds must be ≥ 1, got {seeds}", "use --seeds 3 to see the spread")
     cfg = copy.deepcopy(cfg)
+    if cfg.model.moe is None:  # refuse a dense config before touching the data
+        variant_configs(cfg)
     _open_data(cfg)  # fails early on missing data; fills model.vocab_size
     variants = variant_configs(cfg, with_dense_total)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"compare-{cfg.name}"

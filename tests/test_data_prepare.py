@@ -227,7 +227,7 @@ def test_split_is_per_document_deterministic_and_follows_the_stated_rule(tmp_pat
     docs = corpus(400, seed=2)
     write_jsonl(tmp_path / "c.jsonl", docs)
     a = prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "a", val_fraction=0.2, test_fraction=0.1)
-    b = prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "b", val_fraction=0.2, test_fraction=0.1)
+    prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "b", val_fraction=0.2, test_fraction=0.1)
     for name in a.meta["files"]:  # the same bytes twice, tokenizer included
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     back = decoded(tmp_path / "a")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional

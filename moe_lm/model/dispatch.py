@@ -242,7 +242,6 @@ class ExpertsFFN(torch.autograd.Function):
 
 def _grouped_path(x, token_s, weight_s, counts, w_in, w_down, activation) -> torch.Tensor:
     """The "grouped_mm" path: autograd through torch's grouped matmul, no host sync."""
-    hid = w_down.shape[1]
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x.index_select(0, token_s)
     h = _grouped_mm(xs, w_in, offs=offs)

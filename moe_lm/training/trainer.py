@@ -29,7 +29,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -45,7 +44,7 @@ from ..config import Config, dump_yaml, validate
 from ..errors import ConfigError, DataError, RunError, TrainingError
 from . import checkpoint as ckpt_io
 from .metrics import (CollapseAlarm, JsonlSink, LoadMeter, TensorBoardSink, TrainDisplay, eval_record,
-                      event_record, fmt_duration, perplexity, tensorboard_available, train_record,
+                      event_record, fmt_duration, tensorboard_available, train_record,
                       truncate_metrics)
 
 
