@@ -8,7 +8,7 @@ MOE := $(VENV)/bin/moe-lm
 TORCH_VERSION ?= 2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-distributed bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The demo's steps; each one can also be run by hand (see README.md). compare-dense takes the run
+# that `train` just wrote as its first MoE seed (--reuse-moe) and reuses the runs it already
+# finished, so a second `make demo` only redoes prepare, train and eval.
 demo: install
 	$(MOE) prepare --overwrite
+	$(MOE) train --config configs/tiny-moe.yaml --overwrite
+	$(MOE) eval runs/tiny-moe --all
+	$(MOE) compare-dense --config configs/tiny-moe.yaml --seeds 3 --reuse-moe runs/tiny-moe
 
 test: install
 	$(PY) -m pytest tests
+
+test-distributed: install
+	$(PY) -m pytest tests/test_distributed.py
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -184,6 +184,7 @@ def compare_dense_cmd(
     lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Comma-separated learning rates, e.g. 1e-3,3e-3,6e-3: each model keeps its own best (seed train.seed) for all seeds.", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: runs/compare-<name>/]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs that exist instead of reusing or resuming them."),
+    reuse_moe: Optional[Path] = typer.Option(None, "--reuse-moe", help="A finished `moe-lm train` run of this config (e.g. runs/tiny-moe): copied in as the MoE's first seed instead of training it again.", show_default=False),
     device: str = typer.Option("auto", "--device", help="Device for the final evaluations: auto | cpu | cuda | mps (training follows train.device)."),
 ) -> None:
     """Train the MoE and its dense twin (equal FLOPs per token) over several seeds with the same
@@ -206,7 +207,7 @@ def compare_dense_cmd(
             raise ConfigError(f"--lr-sweep {lr_sweep!r} needs positive learning rates", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
     try:
         report = compare_dense(cfg, seeds=seeds, with_dense_total=with_dense_total, out_dir=out, lr_sweep=lrs,
-                               overwrite=overwrite, device=device, console=console)
+                               overwrite=overwrite, device=device, console=console, reuse_moe=reuse_moe)
     except KeyboardInterrupt:
         err_console.print("interrupted: finished runs are kept; run the same command again to continue")
         raise SystemExit(130) from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,29 @@ def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> boo
     return False
 
 
+def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
+    """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe)."""
+    from .training import checkpoint as ckpt_io
+
+    latest = ckpt_io.find_latest(src) if src.is_dir() else None
+    if latest is None:
+        raise RunError(f"--reuse-moe {src}: no finished run there (no checkpoint)",
+                       "train it first (moe-lm train --config ...), or leave out --reuse-moe")
+    state = ckpt_io.read_state(latest)
+    try:
+        ckpt_io.check_config(latest, state, cfg)
+    except Exception as exc:  # noqa: BLE001 - say it in terms of this command
+        raise RunError(f"--reuse-moe {src} was trained with another config ({exc})",
+                       "pass a run of the same config and seed, or leave out --reuse-moe") from None
+    if state["step"] < cfg.train.max_steps:
+        raise RunError(f"--reuse-moe {src} stopped at step {state['step']} of {cfg.train.max_steps}",
+                       f"finish it first (moe-lm train --config ... --resume auto --out {src})")
+    tmp = run_dir.with_name(run_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("eval.json", "plots"))
+    tmp.rename(run_dir)
+
+
 def _final_eval(run_dir: Path, device: str) -> dict:
     """Perplexity over every validation token of the run's last checkpoint, cached in eval.json."""
     from .evaluation import run_eval
@@ -147,7 +171,7 @@ def _summarise(variant: str, cfg: Config, run_dir: Path, ev: dict, reused: bool)
 
 def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False, out_dir: Optional[Path] = None,
                   lr_sweep: Optional[list[float]] = None, overwrite: bool = False, device: str = "auto",
-                  console: Any = None) -> dict:
+                  console: Any = None, reuse_moe: Optional[Path] = None) -> dict:
     """Train the MoE, its dense twin (and optionally the equal-total-parameter dense model) over
     `seeds` seeds; write report.json, report.md and the PNGs into `out_dir`; return the report."""
     from rich.console import Console
@@ -189,7 +213,13 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
             rc = _run_config(vcfg, cfg.name, v, s, lrs[v])
             run_dir = out / "runs" / f"{v}-seed{s}"
             console.rule(f"{VARIANT_LABELS[v]}, seed {s} ({seed_list.index(s) + 1}/{len(seed_list)})")
-            reused = _train_or_reuse(rc, run_dir, console, overwrite)
+            adopt = reuse_moe is not None and v == "moe" and s == cfg.train.seed
+            if adopt and (overwrite or not run_dir.exists()):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                _adopt_run(Path(reuse_moe), rc, run_dir)
+                console.print(f"the MoE's seed {s} is the run {reuse_moe} (copied to {run_dir})", highlight=False)
+            reused = _train_or_reuse(rc, run_dir, console, overwrite and not adopt)
             if reused:
                 console.print(f"reusing the finished run {run_dir}", highlight=False)
             ev = _final_eval(run_dir, device)

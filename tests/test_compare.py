@@ -122,3 +122,25 @@ def test_cli_refuses_a_dense_config_in_one_line():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
     assert "needs an MoE config" in proc.stderr
+
+
+def test_reuse_moe_adopts_a_finished_train_run_as_the_first_seed(tiny_data_dir, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))
+    run = train(cfg, out_dir=tmp_path / "run", console=quiet(), plots=False).run_dir
+
+    adopted = compare_dense(cfg, seeds=1, out_dir=tmp_path / "a", console=quiet(), reuse_moe=run)
+    assert [(r["variant"], r["reused"]) for r in adopted["runs"]] == [("moe", True), ("dense", False)]
+    ckpt = "checkpoints/step-0000006/model.safetensors"
+    assert (tmp_path / "a" / "runs" / "moe-seed0" / ckpt).read_bytes() == (run / ckpt).read_bytes()
+    # the same figures as a comparison that trains its own first MoE seed
+    fresh = compare_dense(cfg, seeds=1, out_dir=tmp_path / "b", console=quiet())
+    assert adopted["variants"]["moe"]["val_ppl"] == fresh["variants"]["moe"]["val_ppl"]
+
+    other = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.lr=1e-4"))
+    with pytest.raises(RunError, match="another config"):
+        compare_dense(other, seeds=1, out_dir=tmp_path / "c", console=quiet(), reuse_moe=run)
+    half = train(cfg, out_dir=tmp_path / "half", console=quiet(), plots=False, stop_after=3).run_dir
+    with pytest.raises(RunError, match="stopped at step 3"):
+        compare_dense(cfg, seeds=1, out_dir=tmp_path / "d", console=quiet(), reuse_moe=half)
+    with pytest.raises(RunError, match="no finished run"):
+        compare_dense(cfg, seeds=1, out_dir=tmp_path / "e", console=quiet(), reuse_moe=tmp_path / "nowhere")
