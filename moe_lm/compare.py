@@ -76,7 +76,9 @@ def config_differences(a: Config, b: Config) -> list[str]:
         return items
 
     fa, fb = flat(to_dict(a)), flat(to_dict(b))
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k, "(absent)") != fb.get(k, "(absent)"))
+    diffs = {k for k in set(fa) | set(fb) if fa.get(k, "(absent)") != fb.get(k, "(absent)")}
+    # model.moe: null on one side already says all of model.moe.* differs
+    return sorted(k for k in diffs if not any(k.startswith(p + ".") for p in diffs))
 
 
 def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> Config:
@@ -271,6 +273,9 @@ def verdict(moe_ppl: list[float], dense_ppl: list[float]) -> tuple[str, float, b
         return (f"MoE is {-pct:.1f}% lower in perplexity at equal training FLOPs ({seeds}; every MoE seed below "
                 f"every dense seed)"), pct, True
     if min(moe_ppl) > max(dense_ppl):
+        if n == 1:
+            return (f"the dense twin is {pct:.1f}% lower in perplexity than the MoE at equal training FLOPs (1 seed: "
+                    f"no spread to compare with; run --seeds 3)"), pct, False
         return (f"the dense twin is {pct:.1f}% lower in perplexity than the MoE at equal training FLOPs ({seeds}; "
                 f"every dense seed below every MoE seed): at this budget the MoE does not pay"), pct, False
     return (f"the difference ({pct:+.1f}% MoE vs dense) is within the spread over {seeds}: the seeds overlap, so "

@@ -73,8 +73,9 @@ def test_the_verdict_claims_a_win_only_when_every_moe_seed_is_below_every_dense_
     assert not win and "within the spread" in text
     text, _, win = verdict([110.0, 111.0], [100.0, 101.0])
     assert not win and "dense twin is" in text and "does not pay" in text
-    _, _, win = verdict([90.0], [100.0])  # one seed has no spread: no claim
-    assert not win
+    for moe, dense in (([90.0], [100.0]), ([100.4], [100.0])):  # one seed has no spread: no claim either way
+        text, _, win = verdict(moe, dense)
+        assert not win and "1 seed: no spread" in text and "every" not in text
 
 
 def test_an_interrupted_compare_resumes_and_a_finished_one_is_reused(tiny_data_dir, tmp_path):
