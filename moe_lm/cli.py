@@ -388,7 +388,10 @@ def bench_prepare_cmd(
 def run() -> None:
     """Console-script entry point: run the app, turning user errors into one line + exit 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            # NOTE: without standalone mode click *returns* the exit code of a Ctrl-C it caught
+            sys.exit(code)
     except MoeLmError as exc:
         if _state["debug"]:
             raise

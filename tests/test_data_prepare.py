@@ -362,6 +362,32 @@ def test_cli_prepares_and_prints_the_summary(tmp_path):
 
 
 
+@pytest.mark.parametrize("where", ["train_tokenizer", "encode_batch"])
+def test_a_ctrl_c_that_a_library_swallows_still_stops_prepare_with_nothing_written(where, tmp_path, monkeypatch):
+    # tokenizers' Rust code can consume the KeyboardInterrupt of a Ctrl-C that lands inside it;
+    # simulate exactly that: a real SIGINT whose exception the library catches and drops
+    import signal
+
+    from moe_lm.data import prepare as prep
+
+    real = getattr(prep, where)
+
+    def swallowing(*args, **kw):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        return real(*args, **kw)
+
+    monkeypatch.setattr(prep, where, swallowing)
+    write_jsonl(tmp_path / "c.jsonl", corpus(40))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "out", vocab_size=300)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]  # no temporary folder either
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+
+
 def test_ctrl_c_on_the_command_line_exits_130_and_writes_nothing(tmp_path):
     import signal
 
@@ -376,3 +402,20 @@ def test_ctrl_c_on_the_command_line_exits_130_and_writes_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "data").exists()
+
+
+def test_a_ctrl_c_outside_prepare_s_own_handler_still_exits_130(tmp_path, monkeypatch):
+    # click, run without standalone mode, *returns* 130 for a Ctrl-C it catches; run() must exit with it
+    from moe_lm import cli
+    from moe_lm.data import prepare as prep
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "render_summary", interrupted)
+    write_jsonl(tmp_path / "c.jsonl", corpus(40))
+    monkeypatch.setattr(sys, "argv", ["moe-lm", "prepare", "--data-files", str(tmp_path / "c.jsonl"),
+                                      "--out", str(tmp_path / "out"), "--vocab-size", "300"])
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    assert e.value.code == 130

@@ -21,8 +21,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,12 +133,13 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # NOTE: mkdtemp makes it 0700; the result is an ordinary folder
-        with _Progress(console) as progress:
+        with _Progress(console) as progress, _ctrl_c_noted() as ctrl_c:
             cache: dict[int, list[src.Document]] = {}  # streams read whole in pass 1
             skipped: dict[int, int] = {}  # empty documents per stream
             t0 = time.perf_counter()
             if tok is None:
                 tok, trained_on = _train(source, opts, splits, cache, skipped, progress, console)
+                ctrl_c.check()
                 tok.save(str(tmp / TOKENIZER))
                 tok = load_tokenizer(tmp / TOKENIZER)  # NOTE: as every later user will see it
             else:
@@ -145,6 +149,7 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
             t0 = time.perf_counter()
             stats, files, domains = _tokenise(source, opts, splits, cache, skipped, tok, tmp, progress, console)
             t_enc = time.perf_counter() - t0
+            ctrl_c.check()
         notes = list(source.notes) + _check_splits(stats, source)
         seconds = {"tokenizer": t_tok, "tokenise": t_enc}
         meta = _meta(opts, out, source, splits, tok, trained_on, stats, files, domains, tmp)
@@ -158,6 +163,39 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
         _remove_if_empty(created)
         raise
     return PrepareSummary(out, meta, stats, seconds, notes=notes)
+
+
+class _CtrlC:
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def _ctrl_c_noted() -> Iterator[_CtrlC]:
+    """Note every Ctrl-C (and raise KeyboardInterrupt as usual); `check()` raises it again.
+
+    NOTE: a Ctrl-C that lands while tokenizers' Rust code runs can have its KeyboardInterrupt
+    consumed there (seen as a prepare that finished with exit 0 after Ctrl-C); the note survives.
+    """
+    flag = _CtrlC()
+    prev = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(prev):
+        yield flag  # SIGINT ignored or not ours to handle
+        return
+
+    def on_sigint(signum, frame):
+        flag.pressed = True
+        prev(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, prev)
 
 
 def _check_options(o: PrepareOptions) -> None:
