@@ -1,5 +1,5 @@
 """Every benchmark in one go (`make bench`): prepare, the MoE layer (both shapes), training
-throughput of tiny-moe vs its dense twin, and generation with/without the KV cache. Each prints
+throughput of tiny-moe vs its dense twin, 1 vs 2 training processes, and generation with/without the KV cache. Each prints
 its own table; the figures that matter are ratios measured inside one process, so a busy machine
 slows both sides alike. Run on an otherwise idle machine all the same.
 
@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 
 def main() -> None:
+    import bench_distributed
     import bench_generate
     import bench_layer
     import bench_prepare
@@ -28,6 +29,7 @@ def main() -> None:
         ("prepare", lambda: bench_prepare.main(["--json", str(out / "prepare.json")])),
         ("layer", lambda: bench_layer.main(["--json", str(out / "layer.json")])),
         ("train", lambda: bench_train.main(["--json", str(out / "train.json")])),
+        ("distributed", lambda: bench_distributed.main(["--json", str(out / "distributed.json")])),
         ("generate", lambda: bench_generate.main([])),
     ]
     for name, fn in steps:
