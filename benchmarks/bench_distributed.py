@@ -61,8 +61,9 @@ def command(s: dict, config: str, out: Path, overrides: list[str]) -> list[str]:
 
 def throughput(run_dir: Path, warmup: int) -> float:
     """Training tokens per second between the first train record after `warmup` steps and the last."""
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in recs if r["kind"] == "train"]
+    from moe_lm.training.metrics import read_metrics
+
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     start = next((r for r in train if r["step"] >= warmup), None)
     if start is None or start is train[-1]:
         raise SystemExit(f"{run_dir}: too few logged steps after --warmup {warmup}; raise --steps")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config, to_dict
-from .errors import ConfigError, RunError
+from .errors import CheckpointError, ConfigError, RunError
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
 
@@ -121,7 +121,7 @@ def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
     state = ckpt_io.read_state(latest)
     try:
         ckpt_io.check_config(latest, state, cfg)
-    except Exception as exc:  # noqa: BLE001 - say it in terms of this command
+    except CheckpointError as exc:  # say it in terms of this command
         raise RunError(f"--reuse-moe {src} was trained with another config ({exc})",
                        "pass a run of the same config and seed, or leave out --reuse-moe") from None
     if state["step"] < cfg.train.max_steps:
@@ -266,16 +266,14 @@ def verdict(moe_ppl: list[float], dense_ppl: list[float]) -> tuple[str, float, b
     pct = 100.0 * (m - d) / d
     n = len(moe_ppl)
     seeds = f"{n} seed{'s' if n != 1 else ''}"
+    if n == 1 and moe_ppl != dense_ppl:
+        lower, higher = ("MoE", "its dense twin") if pct < 0 else ("the dense twin", "the MoE")
+        return (f"{lower} is {abs(pct):.1f}% lower in perplexity than {higher} at equal training FLOPs (1 seed: "
+                f"no spread to compare with; run --seeds 3)"), pct, False
     if max(moe_ppl) < min(dense_ppl):
-        if n == 1:
-            return (f"MoE is {-pct:.1f}% lower in perplexity than its dense twin at equal training FLOPs (1 seed: "
-                    f"no spread to compare with; run --seeds 3)"), pct, False
         return (f"MoE is {-pct:.1f}% lower in perplexity at equal training FLOPs ({seeds}; every MoE seed below "
                 f"every dense seed)"), pct, True
     if min(moe_ppl) > max(dense_ppl):
-        if n == 1:
-            return (f"the dense twin is {pct:.1f}% lower in perplexity than the MoE at equal training FLOPs (1 seed: "
-                    f"no spread to compare with; run --seeds 3)"), pct, False
         return (f"the dense twin is {pct:.1f}% lower in perplexity than the MoE at equal training FLOPs ({seeds}; "
                 f"every dense seed below every MoE seed): at this budget the MoE does not pay"), pct, False
     return (f"the difference ({pct:+.1f}% MoE vs dense) is within the spread over {seeds}: the seeds overlap, so "
