@@ -44,7 +44,7 @@ class RunSummary:
     val_tokens: int
     tokens: int  # training tokens
     flops: float  # training FLOPs (router included for the MoE)
-    wall_s: float  # training wall-clock (evaluations included, as the trainer counts it)
+    wall_s: float  # training wall-clock seconds (evaluations and checkpoints excluded, as the trainer counts)
     tokens_per_s: float
     curve: list[dict] = field(default_factory=list)  # the trainer's evaluations: step, flops, wall_s, val_loss
     reused: bool = False
@@ -254,6 +254,12 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
         }
     report["verdict"], report["moe_vs_dense_pct"], report["clear_win"] = verdict(
         report["variants"]["moe"]["val_ppl"], report["variants"]["dense"]["val_ppl"])
+    moe_runs = [r for r in runs if r.variant == "moe"]
+    dense_runs = [r for r in runs if r.variant == "dense"]
+    report["paired"] = paired_stats([r.val_loss for r in moe_runs], [r.val_loss for r in dense_runs])
+    report["gap_vs_tokens"] = gap_vs_tokens([r.curve for r in moe_runs], [r.curve for r in dense_runs],
+                                            tokens_per_step=cfg.train.batch_size * cfg.model.seq_len)
+    report["equal_wall_clock"] = equal_wall_clock([r.curve for r in moe_runs], [r.curve for r in dense_runs])
     files = write_report(report, out)
     report["files"] = {k: str(p) for k, p in files.items()}
     return report
@@ -278,6 +284,117 @@ def verdict(moe_ppl: list[float], dense_ppl: list[float]) -> tuple[str, float, b
                 f"every dense seed below every MoE seed): at this budget the MoE does not pay"), pct, False
     return (f"the difference ({pct:+.1f}% MoE vs dense) is within the spread over {seeds}: the seeds overlap, so "
             f"this budget shows no clear winner"), pct, False
+
+
+def paired_stats(moe_loss: list[float], dense_loss: list[float]) -> dict:
+    """The paired view of a comparison over seeds: seed s of the MoE and seed s of the twin share
+    their data order and initial draws, so the per-seed differences cancel most seed noise.
+
+    Inputs: final validation losses (nats/token), index i = the i-th seed of each variant.
+    Returns per pair `d_loss` = moe - dense (nats) and `d_ppl_pct` = 100 (exp(moe) - exp(dense)) /
+    exp(dense); their mean and sample standard deviation (0 for one pair); `moe_better`, the
+    number of pairs in which the MoE is lower; and `sign_test_p`, the exact two-sided sign-test
+    p-value of that count under "no difference" (Binomial(n, 1/2): with 3 pairs all of one sign,
+    p = 2 / 2^3 = 0.25, the best 3 seeds can give; 5 pairs give 0.0625).
+    """
+    import math
+
+    if len(moe_loss) != len(dense_loss) or not moe_loss:
+        raise ValueError("paired_stats needs as many MoE as dense losses, at least one")
+    d_loss = [m - d for m, d in zip(moe_loss, dense_loss)]
+    d_pct = [100.0 * (math.exp(m) - math.exp(d)) / math.exp(d) for m, d in zip(moe_loss, dense_loss)]
+    n, k = len(d_loss), sum(1 for x in d_loss if x < 0)
+    tail = min(k, n - k)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(tail + 1)) / 2 ** n)
+
+    def sd(xs: list[float]) -> float:
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    return {"d_loss": d_loss, "d_ppl_pct": d_pct, "d_loss_mean": statistics.mean(d_loss), "d_loss_std": sd(d_loss),
+            "d_ppl_pct_mean": statistics.mean(d_pct), "d_ppl_pct_std": sd(d_pct), "pairs": n, "moe_better": k,
+            "sign_test_p": p}
+
+
+def gap_vs_tokens(moe_curves: list[list[dict]], dense_curves: list[list[dict]], tokens_per_step: int) -> dict:
+    """MoE - dense validation loss over training, paired by seed, at every step both evaluated.
+
+    Each curve is the trainer's evaluations of one run (`step`, `val_loss`: nats/token on the
+    trainer's fixed validation sample). Returns {"tokens": [...], "mean": [...], "min": [...],
+    "max": [...], "per_seed": [[...], ...]} over the steps > 0 that every pair shares; negative =
+    the MoE ahead. The band of gap_vs_tokens.png is min..max over seeds.
+    """
+    pairs = []
+    for mc, dc in zip(moe_curves, dense_curves):
+        d = {c["step"]: c["val_loss"] for c in dc}
+        pairs.append({c["step"]: c["val_loss"] - d[c["step"]] for c in mc if c["step"] in d and c["step"] > 0})
+    steps = sorted(set.intersection(*(set(p) for p in pairs))) if pairs else []
+    per_seed = [[p[s] for s in steps] for p in pairs]
+    cols = list(zip(*per_seed)) if per_seed else []
+    return {"tokens": [s * tokens_per_step for s in steps], "steps": steps,
+            "mean": [statistics.mean(c) for c in cols], "min": [min(c) for c in cols], "max": [max(c) for c in cols],
+            "per_seed": per_seed}
+
+
+def equal_wall_clock(moe_curves: list[list[dict]], dense_curves: list[list[dict]]) -> dict:
+    """The comparison at equal training time instead of equal FLOPs, paired by seed.
+
+    For each pair, T = the dense run's last evaluation's `wall_s` (training seconds); the MoE's
+    validation loss at T is interpolated linearly between its two evaluations around T (the
+    trainer's validation sample, so both sides are read off the same kind of curve). When the MoE
+    finished before T (it was faster), its last value is used and `moe_finished_first` says so.
+    Returns per pair `dense_wall_s`, `moe_loss_at_T`, `dense_loss`, `d_loss` (moe - dense, nats),
+    and their mean; `ahead`: "MoE", "dense" or "tie" by the sign of the mean and of every pair.
+    """
+    import math
+
+    rows = []
+    for mc, dc in zip(moe_curves, dense_curves):
+        if not mc or not dc:
+            continue
+        t_end, dense_loss = dc[-1]["wall_s"], dc[-1]["val_loss"]
+        pts = sorted((c["wall_s"], c["val_loss"]) for c in mc)
+        first = pts[-1][0] <= t_end
+        if first:
+            at = pts[-1][1]
+        else:
+            at = pts[0][1]
+            for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+                if t0 <= t_end <= t1:
+                    at = l0 + (l1 - l0) * ((t_end - t0) / (t1 - t0) if t1 > t0 else 1.0)
+                    break
+        rows.append({"dense_wall_s": t_end, "moe_loss_at_T": at, "dense_loss": dense_loss, "d_loss": at - dense_loss,
+                     "moe_finished_first": first})
+    if not rows:
+        return {"pairs": [], "d_loss_mean": None, "ahead": "unknown"}
+    diffs = [r["d_loss"] for r in rows]
+    mean = statistics.mean(diffs)
+    if all(x < 0 for x in diffs):
+        ahead = "MoE"
+    elif all(x > 0 for x in diffs):
+        ahead = "dense"
+    else:
+        ahead = "tie"
+    return {"pairs": rows, "d_loss_mean": mean, "d_ppl_pct_mean": 100.0 * math.expm1(mean),
+            "ahead": ahead}
+
+
+def paired_lines(report: dict) -> list[str]:
+    """Plain-words lines for the paired view and the equal-wall-clock view (console and report.md)."""
+    out = []
+    p = report.get("paired")
+    if p:
+        pairs = " ".join(f"{x:+.1f}%" for x in p["d_ppl_pct"])
+        out.append(f"paired by seed (MoE - dense perplexity): {pairs}; mean {p['d_ppl_pct_mean']:+.1f}% "
+                   f"± {p['d_ppl_pct_std']:.1f}% (std over pairs); the MoE is lower in {p['moe_better']} of "
+                   f"{p['pairs']} pairs (sign test p = {p['sign_test_p']:.3g})")
+    w = report.get("equal_wall_clock")
+    if w and w.get("pairs"):
+        side = {"MoE": "the MoE is ahead in every pair", "dense": "the dense twin is ahead in every pair",
+                "tie": "neither side is ahead in every pair"}[w["ahead"]]
+        t = statistics.mean(r["dense_wall_s"] for r in w["pairs"])
+        out.append(f"at equal wall-clock (the MoE's validation loss at the dense run's final training time, "
+                   f"{t:.0f} s, trainer's sample): {w['d_ppl_pct_mean']:+.1f}% perplexity; {side}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +443,8 @@ def render_table(report: dict, console) -> None:
     console.print(t)
     style = "bold green" if report["clear_win"] else "bold yellow"
     console.print(f"[{style}]verdict:[/] {report['verdict']}", highlight=False, soft_wrap=True)
+    for line in paired_lines(report):
+        console.print(line, highlight=False, soft_wrap=True)
     if report.get("files"):
         console.print("wrote " + ", ".join(report["files"].values()), highlight=False, soft_wrap=True)
 
@@ -355,6 +474,8 @@ def render_markdown(report: dict, files: dict) -> str:
         "",
         f"**Verdict:** {report['verdict']}.",
         "",
+        *[f"- {line}" for line in paired_lines(report)],
+        "",
         "| | " + " | ".join(vs[k]["label"] for k in keys) + " |",
         "|---|" + "---:|" * len(keys),
     ]
@@ -376,7 +497,8 @@ def render_markdown(report: dict, files: dict) -> str:
             lines.append(f"- {vs[v]['label']}: " + ", ".join(f"lr {lr}: {loss:.4f}" for lr, loss in res.items())
                          + f" -> {vs[v]['lr']:g}")
         lines.append("")
-    for key, caption in (("flops_png", "Validation loss against training FLOPs"),
+    for key, caption in (("gap_png", "MoE - dense validation loss against training tokens (mean and range over seeds)"),
+                         ("flops_png", "Validation loss against training FLOPs"),
                          ("wall_png", "Validation loss against wall-clock seconds")):
         if key in files:
             lines += [f"![{caption}]({Path(files[key]).name})", ""]

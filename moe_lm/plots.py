@@ -168,4 +168,27 @@ def plot_compare(report: dict, out_dir: Path) -> dict:
         path = Path(out_dir) / fname
         fig.savefig(path)
         files[key] = path
+    gap = report.get("gap_vs_tokens")
+    if gap and gap.get("tokens"):
+        files["gap_png"] = plot_gap(gap, Path(out_dir) / "gap_vs_tokens.png", report["name"], len(report["seeds"]))
     return files
+
+
+def plot_gap(gap: dict, path: Path, name: str, n_seeds: int) -> Path:
+    """MoE - dense validation loss against training tokens: the mean over seed pairs and the
+    min..max band (`compare.gap_vs_tokens`'s data). Below zero = the MoE ahead."""
+    fig = _figure(7, 4.2)
+    ax = fig.subplots()
+    x = [t / 1e6 for t in gap["tokens"]]
+    ax.axhline(0.0, color="black", lw=0.8)
+    if n_seeds > 1:
+        ax.fill_between(x, gap["min"], gap["max"], color="tab:red", alpha=0.2, lw=0, label=f"range over {n_seeds} seeds")
+    ax.plot(x, gap["mean"], "-o", ms=3, color="tab:red", label="mean over seeds" if n_seeds > 1 else "seed 0")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("MoE - dense val loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{name}: the gap at equal FLOPs (below 0 = MoE ahead)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from moe_lm.compare import compare_dense, config_differences, variant_configs, verdict
+from moe_lm.compare import (compare_dense, config_differences, equal_wall_clock, gap_vs_tokens, paired_stats,
+                            variant_configs, verdict)
 from moe_lm.config import load_config
 from moe_lm.errors import ConfigError, RunError
 from moe_lm.model.accounting import flops_per_token
@@ -94,8 +95,18 @@ def test_an_interrupted_compare_resumes_and_a_finished_one_is_reused(tiny_data_d
         ("moe", 0, False), ("dense", 0, False), ("moe", 1, False), ("dense", 1, False)]
     for r in report["runs"]:
         assert r["tokens"] == 6 * 4 * 32  # same tokens and schedule for every run
-    for name in ("report.md", "report.json", "val_loss_vs_flops.png", "val_loss_vs_wall.png"):
+    for name in ("report.md", "report.json", "val_loss_vs_flops.png", "val_loss_vs_wall.png", "gap_vs_tokens.png"):
         assert (out / name).is_file(), name
+    # the gap figure's data, read back from each pair's metrics.jsonl by hand
+    gap = report["gap_vs_tokens"]
+    for s, per_seed in enumerate(gap["per_seed"]):
+        m = {r["step"]: r["val_loss"] for r in read_metrics(out / "runs" / f"moe-seed{s}" / "metrics.jsonl") if r["kind"] == "eval"}
+        d = {r["step"]: r["val_loss"] for r in read_metrics(out / "runs" / f"dense-seed{s}" / "metrics.jsonl") if r["kind"] == "eval"}
+        assert gap["steps"] == sorted(k for k in m if k > 0) == [3, 6]
+        assert per_seed == pytest.approx([m[k] - d[k] for k in gap["steps"]])
+    assert gap["tokens"] == [3 * 4 * 32, 6 * 4 * 32]
+    assert gap["mean"] == pytest.approx([(a + b) / 2 for a, b in zip(*gap["per_seed"])])
+    assert "paired by seed" in (out / "report.md").read_text()
     md = (out / "report.md").read_text()
     assert report["verdict"] in md and "![Validation loss against training FLOPs]" in md
 
@@ -145,3 +156,53 @@ def test_reuse_moe_adopts_a_finished_train_run_as_the_first_seed(tiny_data_dir, 
         compare_dense(cfg, seeds=1, out_dir=tmp_path / "d", console=quiet(), reuse_moe=half)
     with pytest.raises(RunError, match="no finished run"):
         compare_dense(cfg, seeds=1, out_dir=tmp_path / "e", console=quiet(), reuse_moe=tmp_path / "nowhere")
+
+
+def test_paired_statistics_against_numbers_worked_out_by_hand():
+    import math
+
+    # losses chosen so the perplexity ratios are round: exp(m - d) = 0.9, 0.8, 1.1
+    dense = [3.0, 3.2, 3.1]
+    moe = [3.0 + math.log(0.9), 3.2 + math.log(0.8), 3.1 + math.log(1.1)]
+    p = paired_stats(moe, dense)
+    assert p["d_ppl_pct"] == pytest.approx([-10.0, -20.0, 10.0])
+    assert p["d_ppl_pct_mean"] == pytest.approx(-20.0 / 3)
+    # sample std of (-10, -20, 10): mean -6.667, squared deviations 11.11 + 177.78 + 277.78 = 466.67, / 2, sqrt
+    assert p["d_ppl_pct_std"] == pytest.approx(math.sqrt(466.6667 / 2), rel=1e-4)
+    assert p["d_loss"] == pytest.approx([math.log(0.9), math.log(0.8), math.log(1.1)])
+    assert (p["pairs"], p["moe_better"]) == (3, 2)
+    assert p["sign_test_p"] == pytest.approx(1.0)  # 2 of 3: P(X <= 1) * 2 = (1 + 3) / 8 * 2 = 1
+    every = paired_stats([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+    assert every["moe_better"] == 3 and every["sign_test_p"] == pytest.approx(0.25)  # 2 x (1/2)^3
+    five = paired_stats([1.0] * 5, [2.0] * 5)
+    assert five["sign_test_p"] == pytest.approx(2 / 32)
+    one = paired_stats([1.0], [2.0])
+    assert one["d_ppl_pct_std"] == 0.0 and one["sign_test_p"] == pytest.approx(1.0)
+
+
+def test_equal_wall_clock_interpolates_the_moe_curve_at_the_dense_runs_final_time():
+    moe = [{"step": 0, "wall_s": 0.0, "val_loss": 9.0}, {"step": 50, "wall_s": 10.0, "val_loss": 5.0},
+           {"step": 100, "wall_s": 20.0, "val_loss": 4.0}]
+    dense = [{"step": 0, "wall_s": 0.0, "val_loss": 9.0}, {"step": 100, "wall_s": 16.0, "val_loss": 4.5}]
+    w = equal_wall_clock([moe], [dense])
+    # at 16 s the MoE is 6/10 of the way from 5.0 (10 s) to 4.0 (20 s): 4.4
+    assert w["pairs"][0]["moe_loss_at_T"] == pytest.approx(4.4)
+    assert w["pairs"][0]["d_loss"] == pytest.approx(-0.1) and w["ahead"] == "MoE"
+    slow_moe = [dict(c, val_loss=c["val_loss"] + 0.6) for c in moe]
+    assert equal_wall_clock([slow_moe], [dense])["ahead"] == "dense"
+    fast_moe = [dict(c, wall_s=c["wall_s"] / 4) for c in moe]  # finished at 5 s, before the dense run's 16 s
+    w = equal_wall_clock([fast_moe], [dense])
+    assert w["pairs"][0]["moe_finished_first"] and w["pairs"][0]["moe_loss_at_T"] == 4.0
+    assert equal_wall_clock([moe, slow_moe], [dense, dense])["ahead"] == "tie"
+
+
+def test_gap_vs_tokens_pairs_seeds_by_step():
+    m = [[{"step": 0, "val_loss": 9.0}, {"step": 10, "val_loss": 5.0}, {"step": 20, "val_loss": 4.0}],
+         [{"step": 0, "val_loss": 9.0}, {"step": 10, "val_loss": 5.2}, {"step": 20, "val_loss": 4.1}]]
+    d = [[{"step": 0, "val_loss": 9.0}, {"step": 10, "val_loss": 5.1}, {"step": 20, "val_loss": 4.3}],
+         [{"step": 0, "val_loss": 9.0}, {"step": 10, "val_loss": 5.0}, {"step": 20, "val_loss": 4.2}]]
+    g = gap_vs_tokens(m, d, tokens_per_step=100)
+    assert g["tokens"] == [1000, 2000]
+    assert g["per_seed"] == [pytest.approx([-0.1, -0.3]), pytest.approx([0.2, -0.1])]
+    assert g["mean"] == pytest.approx([0.05, -0.2]) and g["min"] == pytest.approx([-0.1, -0.3])
+    assert g["max"] == pytest.approx([0.2, -0.1])
