@@ -76,13 +76,15 @@ def prepare(
     max_documents: Optional[int] = typer.Option(None, "--max-documents", help="Read at most this many documents."),
     max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Read at most this many bytes of text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Prepare the data this config trains on: its data.dir and model.vocab_size (e.g. configs/tiny-moe.yaml)."),
 ) -> None:
     """Read a corpus, train a byte-level BPE tokenizer, write token shards to data/<name>/.
 
     With no source option it prepares the built-in corpus (the Python standard library's source
-    of this interpreter; no network needed) into data/builtin/.
+    of this interpreter; no network needed) into data/builtin/. With --config it writes the
+    folder and vocabulary that config asks for (the demo: `moe-lm prepare -c configs/tiny-moe.yaml`).
     """
-    from .data.prepare import PrepareOptions, prepare_corpus, render_summary
+    from .data.prepare import PrepareOptions, for_config, prepare_corpus, render_summary
 
     opts = PrepareOptions(
         dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
@@ -90,6 +92,10 @@ def prepare(
         tokenizer=tokenizer, val_fraction=val_fraction, test_fraction=test_fraction,
         max_documents=max_documents, max_bytes=max_bytes, overwrite=overwrite,
     )
+    if config is not None:
+        from .config import load_config
+
+        opts = for_config(opts, load_config(config))
     try:
         summary = prepare_corpus(opts, console=console)
     except KeyboardInterrupt:

@@ -35,6 +35,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class DataConfig:
     dir: str = "data/builtin"  # a folder written by `moe-lm prepare`
+    # the BPE vocabulary `moe-lm prepare -c <config>` trains for data.dir (null = prepare's default);
+    # the model always takes its vocabulary from the folder's tokenizer (or model.vocab_size)
+    vocab_size: Optional[int] = None
 
 
 @dataclass
@@ -231,6 +234,8 @@ def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     _check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "must be a non-empty name without '/'")
     _check(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "must be ≥ 2 or null")
+    _check(cfg.data.vocab_size is None or 257 <= cfg.data.vocab_size <= 2**32, "data.vocab_size", cfg.data.vocab_size,
+           "must be between 257 (the 256 bytes + end-of-text) and 2^32, or null")
     for key in ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden"):
         v = getattr(m, key)
         _check(v >= 1, f"model.{key}", v, "must be ≥ 1")

@@ -419,3 +419,20 @@ def test_a_ctrl_c_outside_prepare_s_own_handler_still_exits_130(tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         cli.run()
     assert e.value.code == 130
+
+
+def test_prepare_for_a_config_writes_its_data_dir_at_its_vocabulary(tmp_path):
+    """`moe-lm prepare -c X.yaml` prepares what `train -c X.yaml` reads: data.dir, model.vocab_size."""
+    from moe_lm.config import load_config
+    from moe_lm.data.prepare import for_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-moe.yaml",
+                      [f"data.dir={tmp_path / 'demo'}", "data.vocab_size=600"])
+    opts = for_config(PrepareOptions(max_documents=40, val_fraction=0.2, test_fraction=0.0), cfg)
+    assert (opts.out, opts.vocab_size, opts.max_documents) == (tmp_path / "demo", 600, 40)
+    prepare_corpus(opts, console=Console(file=io.StringIO()))
+    assert TokenData.open(tmp_path / "demo").vocab_size == 600
+    # the command line's own choices win where they do not contradict the config
+    assert for_config(PrepareOptions(out=tmp_path / "x"), cfg).out == tmp_path / "x"
+    with pytest.raises(DataError, match="contradicts the config"):
+        for_config(PrepareOptions(vocab_size=512), cfg)

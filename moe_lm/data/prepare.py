@@ -16,6 +16,7 @@ it, so `data/<name>/` is either the old folder, the new one, or absent, never ha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -69,6 +70,29 @@ class PrepareOptions:
     tokenizer_sample_bytes: int = 200_000_000  # train the BPE on at most this much training text
     batch_bytes: int = 1 << 20  # text per encode_batch call (and per append to the shards)
     data_root: Path = Path("data")  # where data/<name>/ lives
+
+
+def for_config(opts: PrepareOptions, cfg) -> PrepareOptions:
+    """The options that prepare the data a config trains on (`moe-lm prepare --config X.yaml`).
+
+    The output folder becomes the config's `data.dir` and the vocabulary its `data.vocab_size`
+    (else `model.vocab_size`), unless the command line gave them (--out / --name, --vocab-size);
+    the source stays what the options say (the built-in corpus by default). So `moe-lm prepare -c
+    configs/tiny-moe.yaml` writes data/builtin-2k/ with a 2,048-token vocabulary, and `moe-lm
+    train -c configs/tiny-moe.yaml` finds it. Raises DataError when --vocab-size contradicts the
+    config.
+    """
+    out = dataclasses.replace(opts)
+    if out.out is None and out.name is None:
+        out.out = Path(cfg.data.dir)
+    want = cfg.data.vocab_size or cfg.model.vocab_size
+    if want is not None:
+        if out.vocab_size is not None and out.vocab_size != want:
+            raise DataError(f"--vocab-size {out.vocab_size} contradicts the config's vocabulary ({want})",
+                            "leave out --vocab-size (the config's is used), or override data.vocab_size")
+        if out.tokenizer is None:
+            out.vocab_size = want
+    return out
 
 
 @dataclass

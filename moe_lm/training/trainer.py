@@ -341,8 +341,11 @@ def _open_data(cfg: Config):
 
     data_dir = Path(cfg.data.dir)
     if not data_dir.is_dir():
+        how = (f"moe-lm prepare --out {data_dir} --vocab-size {cfg.data.vocab_size}" if cfg.data.vocab_size
+               else "moe-lm prepare")
         raise DataError(f"data folder {data_dir} does not exist",
-                        "prepare it with `moe-lm prepare` (built-in corpus), or set data.dir=...")
+                        f"prepare it with `{how}` (built-in corpus; or `moe-lm prepare -c <this config>`), "
+                        "or set data.dir=...")
     data = TokenData.open(data_dir)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = int(data.vocab_size)
