@@ -149,7 +149,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json and plots/ go [default: the run folder]."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
     json_out: bool = typer.Option(False, "--json", help="Print eval.json instead of the tables."),
-    html: Optional[str] = typer.Option(None, "--html", metavar="[PATH.html]", help="Also write the routing page: each token of a few passages coloured by its experts, one self-contained HTML file [default path: <out>/routing.html; a path must end in .html, or use --html=PATH].", show_default=False),
+    html: Optional[str] = typer.Option(None, "--html", metavar="[PATH.html]", help="Also write the routing page: each token of a few passages coloured by its experts, one self-contained HTML file (default: routing.html beside eval.json; a path given must end in .html, or use --html=PATH).", show_default=False),
     text_file: Optional[Path] = typer.Option(None, "--text", help="Show this UTF-8 text file's tokens (eval.json passages, --html page) instead of validation passages.", show_default=False),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Show this text's tokens instead of validation passages.", show_default=False),
 ) -> None:
