@@ -9,7 +9,8 @@ Everything is inline (CSS, the data as JSON, the script): the file opens from di
 network. What it holds:
 
 - each passage (eval.json "passages") as token chips coloured by the token's top-1 expert in the
-  chosen layer (a <select>; `#layer=N` in the URL picks layer N on load); hovering or focusing a
+  chosen layer (a <select>; `#layer=N` in the URL picks layer N on load, `#layer=N&token=P.T` also
+  focuses token T of passage P); hovering or focusing a
   chip (Tab) shows its experts and gate weights in every layer and what a capacity limit dropped;
   a chip with no expert (expert choice, or every choice dropped) is grey and dashed;
 - per layer a legend: each expert's colour and number, load share, most frequent tokens, and the
@@ -473,9 +474,15 @@ _JS = r"""
   document.getElementById("numbers").addEventListener("change", function (ev) {
     document.body.classList.toggle("numbers", ev.target.checked);
   });
-  // #layer=N picks the layer on load, through the selector's own change handler
-  var m = /layer=(\d+)/.exec(location.hash);
+  // #layer=N picks the layer on load, through the selector's own change handler;
+  // #...&token=P.T focuses token T of passage P (both from 0), as Tab would
+  var hash = location.hash;
+  var m = /layer=(\d+)/.exec(hash), f = /token=(\d+)\.(\d+)/.exec(hash);
   if (m && layerIndex(m[1]) >= 0) { select.value = m[1]; }
   select.dispatchEvent(new Event("change"));
+  if (f) {
+    var target = document.querySelector('.tok[data-p="' + f[1] + '"][data-t="' + f[2] + '"]');
+    if (target) { target.focus({preventScroll: true}); showTip(target); }
+  }
 })();
 """

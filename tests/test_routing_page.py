@@ -228,8 +228,9 @@ def test_page_in_a_browser_shows_each_tokens_expert_and_switches_layers(run, dum
     reference = [router_logits(model, p["ids"]) for p in passages]  # per passage, per layer (T, E)
 
     colours = {}
-    for layer_index, fragment in ((0, ""), (0, "#layer=0"), (1, "#layer=1")):
-        dom = chips_of(dump_dom(page.as_uri() + fragment))
+    for layer_index, fragment in ((0, ""), (0, "#layer=0"), (1, "#layer=1&token=0.3")):
+        dom_text = dump_dom(page.as_uri() + fragment)
+        dom = chips_of(dom_text)
         assert dom.root.get("data-rendered") == f"layer-{layer_index}"
         assert len(dom.chips) == n_tokens
         got = []
@@ -241,11 +242,15 @@ def test_page_in_a_browser_shows_each_tokens_expert_and_switches_layers(run, dum
             assert background(chip.get("style")) == rgb(PALETTE[expected])  # drawn in that expert's colour
             got.append(chip["data-expert"])
         colours[fragment] = got
+        if "token=" in fragment:  # focusing a chip shows its experts in every layer
+            tip = re.search(r'<div id="tip"[^>]*>(.*?)</div>\s*</main>', dom_text, re.S)
+            assert tip and "hidden" not in tip.group(0).split(">")[0], dom_text[-3000:]
+            assert "token 4 of passage 1" in tip.group(1) and tip.group(1).count("layer ") == 2
     assert colours[""] == colours["#layer=0"]
     layer0 = [x for p in passages for x in p["layers"][0]["top1"]]
     layer1 = [x for p in passages for x in p["layers"][1]["top1"]]
     assert layer0 != layer1  # so the switch is visible ...
-    assert colours["#layer=1"] == [str(x) for x in layer1] != colours["#layer=0"]  # ... and the chips follow
+    assert colours["#layer=1&token=0.3"] == [str(x) for x in layer1] != colours["#layer=0"]  # ... and the chips follow
 
 
 def test_expert_choice_and_shared_experts_in_a_browser(tiny_data_dir, tmp_path, dump_dom):
