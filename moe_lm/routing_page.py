@@ -92,9 +92,9 @@ def _heatmap(report: dict) -> str:
             cells.append(f"<td style='background:{bg};color:{fg}' title='layer {lr['layer']}, expert {e}: "
                          f"{100 * share:.2f}% of the assignments'>{label}</td>")
         rows.append(f"<tr><th scope='row'>layer {lr['layer']}</th>{''.join(cells)}</tr>")
-    return (f"<table class='heat'><caption>share of each layer's assignments per expert, % (white = none, "
-            f"darkest = twice the fair share of {100 * fair:.1f}% or more)</caption>"
-            f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return (f"<table class='heat'><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<p class='cap'>share of each layer's assignments per expert, % (white = none, darkest = twice the "
+            f"fair share of {100 * fair:.1f}% or more)</p>")
 
 
 def _figures(report: dict) -> str:
@@ -106,13 +106,13 @@ def _figures(report: dict) -> str:
         rows.append(f"<tr><th scope='row'>{lr['layer']}</th><td>{lr['cv_importance']:.3f}</td><td>{lr['cv_load']:.3f}</td>"
                     f"<td>{lr['max_mean']:.2f}</td><td>{lr['dropped_pct']:.2f}</td><td>{lr['entropy']:.3f}</td>"
                     f"<td>{_e(', '.join(flags) or '-')}</td></tr>")
-    return ("<table class='figures'><caption>CV of importance and load and max/mean load as in Shazeer et al. "
-            f"2017, Table 6; drop % = assignments dropped by a capacity limit (expert choice: tokens no expert "
-            f"took); entropy of the router in nats (uniform = {math.log(E):.2f}); starved = under "
-            f"{STARVED:g} x the fair share</caption><thead><tr><th scope='col'>layer</th><th scope='col'>CV imp</th>"
+    return ("<table class='figures'><thead><tr><th scope='col'>layer</th><th scope='col'>CV imp</th>"
             "<th scope='col'>CV load</th><th scope='col'>max/mean</th><th scope='col'>drop %</th>"
             "<th scope='col'>entropy</th><th scope='col'>dead / starved</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+            f"<tbody>{''.join(rows)}</tbody></table>"
+            "<p class='cap'>CV of importance and load and max/mean load as in Shazeer et al. 2017, Table 6; drop % = "
+            "assignments dropped by a capacity limit (expert choice: tokens no expert took); entropy of the router "
+            f"in nats (uniform = {math.log(E):.2f}); starved = under {STARVED:g} x the fair share</p>")
 
 
 def _describe_moe(moe: dict) -> str:
@@ -260,10 +260,10 @@ table { border-collapse: collapse; }
 .muted { color: var(--muted); font-weight: normal; }
 .doms { color: var(--muted); font-size: 11.5px; }
 .cap { color: var(--muted); font-size: 12px; margin: 4px 0; }
-caption { caption-side: bottom; text-align: left; color: var(--muted); font-size: 12px; padding-top: 4px; max-width: 1100px; }
-#tip { position: fixed; z-index: 10; max-width: 460px; background: #fff; border: 1px solid #888; border-radius: 6px;
+#tip { position: fixed; z-index: 10; max-width: 600px; background: #fff; border: 1px solid #888; border-radius: 6px;
        box-shadow: 0 3px 12px rgba(0,0,0,.25); padding: 6px 8px; font-size: 12.5px; pointer-events: none; }
 #tip table td { padding: 1px 6px 1px 0; vertical-align: top; }
+#tip table td:first-child { white-space: nowrap; }
 #tip .cur { font-weight: 700; }
 #tip .drop { color: #b00000; }
 #tip .tokname { font: 13px monospace; background: #f1f1f1; padding: 0 3px; white-space: pre; }
