@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   install, prepare the built-in corpus, train tiny-moe, evaluate it, compare with dense
-#   make test   install, run the test suite
+#   make test   install (and headless Chromium for the routing page test, if missing), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ MOE := $(VENV)/bin/moe-lm
 TORCH_VERSION ?= 2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-distributed bench clean
+.PHONY: install browser demo test test-distributed bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: install
 	$(MOE) eval runs/tiny-moe --all
 	$(MOE) compare-dense --config configs/tiny-moe.yaml --seeds 3 --reuse-moe runs/tiny-moe
 
-test: install
+# The routing page's test opens it in headless Chromium: Debian's package is installed when it is
+# missing and this machine allows it (root, or sudo without a password); otherwise it is skipped.
+browser:
+	sh .ci/install-browser
+
+test: install browser
 	$(PY) -m pytest tests
 
 test-distributed: install

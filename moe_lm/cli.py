@@ -155,21 +155,27 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json and plots/ go [default: the run folder]."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
     json_out: bool = typer.Option(False, "--json", help="Print eval.json instead of the tables."),
+    html: Optional[str] = typer.Option(None, "--html", metavar="[PATH.html]", help="Also write the routing page: each token of a few passages coloured by its experts, one self-contained HTML file (default: routing.html beside eval.json; a path given must end in .html, or use --html=PATH).", show_default=False),
+    text_file: Optional[Path] = typer.Option(None, "--text", help="Show this UTF-8 text file's tokens (eval.json passages, --html page) instead of validation passages.", show_default=False),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Show this text's tokens instead of validation passages.", show_default=False),
 ) -> None:
     """Perplexity, the routing report (load, importance, CV, dropped, entropy, dead experts) and
-    expert specialisation; writes eval.json and a layer x expert heatmap beside the run."""
+    expert specialisation; writes eval.json and a layer x expert heatmap beside the run; with
+    --html, a page showing which experts each token of a few passages went to."""
     import json
 
     from .errors import ConfigError
-    from .evaluation import render_report, run_eval
+    from .evaluation import read_user_text, render_report, run_eval
 
     if all_tokens and batches is not None:
         raise ConfigError("--all and --batches contradict each other", "pass one of them")
     if batches is not None and batches < 1:
         raise ConfigError(f"--batches must be ≥ 1, got {batches}", "or pass --all for the whole split")
     n_batches = None if all_tokens else (batches if batches is not None else -1)
+    text = read_user_text(text_file, prompt)
+    page = None if html is None else (True if html == HTML_DEFAULT else Path(html))
     report, files = run_eval(path, split=split, n_batches=n_batches, data_dir=data, out_dir=out, device=device,
-                             console=None if json_out else console)
+                             console=None if json_out else console, text=text, html=page)
     if json_out:
         console.print(json.dumps(report.to_json(), indent=1, ensure_ascii=False), markup=False, highlight=False,
                       soft_wrap=True)
@@ -391,10 +397,27 @@ def bench_prepare_cmd(
         render_prepare(r, console)
 
 
+HTML_DEFAULT = "\0default"  # `--html` given without a path
+
+
+def optional_html_value(args: list[str]) -> list[str]:
+    """`eval --html [PATH.html]`: the option's value may be left out (typer options always take
+    one), so a bare `--html` becomes `--html=<default>` unless the next argument names an
+    .html/.htm file. `--html=PATH` always takes PATH."""
+    out = []
+    for i, a in enumerate(args):
+        if a == "--html":
+            nxt = args[i + 1] if i + 1 < len(args) else ""
+            if not nxt.lower().endswith((".html", ".htm")):
+                a = f"--html={HTML_DEFAULT}"
+        out.append(a)
+    return out
+
+
 def run() -> None:
     """Console-script entry point: run the app, turning user errors into one line + exit 2."""
     try:
-        code = app(standalone_mode=False)
+        code = app(args=optional_html_value(sys.argv[1:]), standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
             # NOTE: without standalone mode click *returns* the exit code of a Ctrl-C it caught
             sys.exit(code)

@@ -16,6 +16,12 @@ entropy, and the experts that received nothing (dead) or under a quarter of thei
 Specialisation: per expert, the tokens it receives most often and those it receives most
 selectively, and per domain (the built-in corpus tags each file with its top-level module) the
 share of the domain's assignments each expert takes.
+
+Passages: a few whole evaluation windows (a seeded choice among the windows of the pass, cut to
+PASSAGE_TOKENS tokens) are recorded token by token during the same forward passes that give the
+statistics: each token's kept experts and gate weights per MoE layer, and the experts a capacity
+limit dropped. `route_text` records the user's own text the same way. They go to eval.json
+("passages") and to the routing page (`moe_lm.routing_page`).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -37,6 +43,10 @@ from .errors import DataError
 STARVED = 0.25  # an expert under this fraction of the uniform share is "starved" (as the collapse alarm)
 TOP_TOKENS = 8  # tokens listed per expert
 MIN_COUNT_SELECTIVE = 20  # a token must occur this often to be listed as selective
+N_PASSAGES = 3  # evaluation windows recorded token by token (eval.json "passages", the routing page)
+PASSAGE_TOKENS = 128  # at most this many tokens of each recorded window
+MAX_TEXT_TOKENS = 1024  # the user's own text (--text / --prompt) is cut after this many tokens
+WEIGHT_DIGITS = 4  # gate weights in eval.json are rounded to this many decimals
 
 
 @dataclass
@@ -61,6 +71,40 @@ class LayerReport:
 
 
 @dataclass
+class PassageLayer:
+    """How one MoE layer routed each token of a passage (lists aligned with Passage.ids).
+
+    experts[i]: the experts that processed token i (kept assignments), by gate weight descending;
+    empty when none did (expert choice: no expert picked it; token choice: all its choices were
+    dropped). weights[i]: their gate weights. top1[i]: experts[i][0], or None. dropped[i]: experts
+    the router chose for token i whose assignment a capacity limit dropped.
+    """
+
+    layer: int
+    top1: list[Optional[int]]
+    experts: list[list[int]]
+    weights: list[list[float]]
+    dropped: list[list[int]]
+
+
+@dataclass
+class Passage:
+    """One routed token sequence: an evaluation window (cut to PASSAGE_TOKENS) or the user's text.
+
+    ids: token ids; text_tokens: the text each token adds (whole UTF-8 characters, see
+    data.tokenizer.token_texts; "" for a token that only starts a character); domains: the
+    domains the tokens come from, in order of appearance (empty without domain tags); layers: one
+    PassageLayer per MoE layer, in layer order.
+    """
+
+    source: str  # "window 7 of the pass (batch 0, row 7)" (of the report's split) or "text"
+    ids: list[int]
+    text_tokens: list[str]
+    domains: list[str]
+    layers: list[PassageLayer]
+
+
+@dataclass
 class EvalReport:
     split: str
     loss: float  # mean token cross-entropy, nats
@@ -72,6 +116,9 @@ class EvalReport:
     checkpoint: Optional[str] = None
     step: Optional[int] = None
     data_dir: Optional[str] = None
+    name: Optional[str] = None  # the run's config name
+    moe: Optional[dict] = None  # router, n_experts, top_k, n_shared_experts, capacity_factor; None = dense
+    passages: list[Passage] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,17 +162,21 @@ class _LayerAccumulator:
 def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, n_batches: Optional[int] = None,
                    seed: int = 0, domains: Optional[np.ndarray] = None, domain_names: Optional[list[str]] = None,
                    decode=None, device: torch.device | str = "cpu", amp_dtype=None,
-                   progress: Any = None) -> EvalReport:
+                   progress: Any = None, passages: int = 0, passage_tokens: int = PASSAGE_TOKENS,
+                   pieces: Optional[Callable[[list[int]], list[str]]] = None) -> EvalReport:
     """Cross-entropy and routing statistics of `model` over windows of `tokens`.
 
     n_batches None: every token of the split once (non-overlapping windows); else a fixed seeded
     sample of n_batches x batch_size windows. domains: per-token domain ids aligned with `tokens`
     (the same windows are cut from both). decode: token id -> text, for the specialisation lists.
+    passages: how many of the pass's full windows to record token by token (a seeded choice,
+    `report.passages`; none for a dense model), each cut to its first `passage_tokens` tokens;
+    pieces: token ids -> the text of each token (data.tokenizer.token_texts; default: the ids).
     """
     from .data.shards import eval_windows
 
     device = torch.device(device)
-    moe_layers = [(i, b.mlp) for i, b in enumerate(model.layers) if b.is_moe]
+    moe_layers = _moe_layers(model)
     vocab = model.cfg.vocab_size
     n_dom = len(domain_names) if domain_names else 0
     if domains is not None and len(domains) != len(tokens):
@@ -136,38 +187,118 @@ def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, 
                    if domains is not None and n_dom else None)
     total_batches = n_batches if n_batches is not None else math.ceil((len(tokens) - 1) / seq_len / batch_size)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
-
-    was_training = model.training
-    model.eval()
-    for _, layer in moe_layers:
-        layer.record = True
+    # the recorded windows: a seeded choice among the full windows, as {batch: [(window, row)]}
+    n_full = n_batches * batch_size if n_batches is not None else (len(tokens) - 1) // seq_len
+    chosen: dict[int, list[tuple[int, int]]] = {}
+    if moe_layers and passages > 0 and n_full > 0:
+        rng = np.random.default_rng([seed % 2**64, PASSAGE_STREAM])
+        for w in sorted(int(v) for v in rng.choice(n_full, size=min(passages, n_full), replace=False)):
+            chosen.setdefault(w // batch_size, []).append((w, w % batch_size))
+    shown: list[Passage] = []
     nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
     import time
 
     t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            for b, (x, y) in enumerate(batches):
-                dom = next(dom_batches)[0].to(device) if dom_batches is not None else None
-                x, y = x.to(device), y.to(device)
-                with amp():
-                    out = model(x)
-                nll += F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1),
-                                       reduction="sum").double()
-                count += y.numel()
-                for acc, (_, layer), stats in zip(accs, moe_layers, out.moe_stats):
-                    acc.add(stats, layer.last_assignments, x, dom)
-                if progress is not None:
-                    progress(b + 1, total_batches)
-    finally:
-        for _, layer in moe_layers:
-            layer.record, layer.last_assignments = False, None
-        model.train(was_training)
+    with _recording(model, moe_layers), torch.no_grad():
+        for b, (x, y) in enumerate(batches):
+            dom = next(dom_batches)[0].to(device) if dom_batches is not None else None
+            x, y = x.to(device), y.to(device)
+            with amp():
+                out = model(x)
+            nll += F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1),
+                                   reduction="sum").double()
+            count += y.numel()
+            for acc, (_, layer), stats in zip(accs, moe_layers, out.moe_stats):
+                acc.add(stats, layer.last_assignments, x, dom)
+            for w, row in chosen.get(b, []):
+                n = min(passage_tokens, x.shape[1])
+                names = []
+                if dom is not None:
+                    names = [domain_names[d] for d in dict.fromkeys(dom[row, :n].tolist()) if d < n_dom]
+                shown.append(_passage(moe_layers, x, row, n, f"window {w} of the pass (batch {b}, row {row})", pieces, names))
+            if progress is not None:
+                progress(b + 1, total_batches)
     loss = float(nll) / max(count, 1)
     windows = "all" if n_batches is None else f"sample of {n_batches} batches x {batch_size} windows (seed {seed})"
     layers = [_layer_report(a, domain_names, decode) for a in accs]
     return EvalReport(split="", loss=loss, ppl=math.exp(min(loss, 50.0)), n_tokens=count, windows=windows,
-                      layers=layers, seconds=time.perf_counter() - t0)
+                      layers=layers, seconds=time.perf_counter() - t0, passages=shown)
+
+
+def route_text(model, ids: list[int], *, seq_len: int, pieces: Optional[Callable[[list[int]], list[str]]] = None,
+               device: torch.device | str = "cpu", amp_dtype=None) -> list[Passage]:
+    """Route a token sequence (the user's own text) and record it token by token.
+
+    ids: token ids (1 or more). They are cut into pieces of at most `seq_len` tokens, each run as
+    its own batch of one row through the same forward and recording as `evaluate_model`'s
+    passages; returns one Passage per piece (source "text"), [] for a dense model.
+    NOTE: under expert choice, routing depends on the batch: here the batch is the piece alone.
+    """
+    device = torch.device(device)
+    moe_layers = _moe_layers(model)
+    if not moe_layers:
+        return []
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    out: list[Passage] = []
+    with _recording(model, moe_layers), torch.no_grad():
+        for start in range(0, len(ids), seq_len):
+            chunk = ids[start:start + seq_len]
+            x = torch.tensor([chunk], dtype=torch.long, device=device)
+            with amp():
+                model(x)
+            source = "text" if len(ids) <= seq_len else f"text, tokens {start}-{start + len(chunk) - 1}"
+            out.append(_passage(moe_layers, x, 0, len(chunk), source, pieces, []))
+    return out
+
+
+PASSAGE_STREAM = 17  # the passages' random stream, apart from eval_windows' own
+
+
+def _moe_layers(model) -> list[tuple[int, Any]]:
+    return [(i, b.mlp) for i, b in enumerate(model.layers) if b.is_moe]
+
+
+@contextmanager
+def _recording(model, moe_layers):
+    """Eval mode with every MoE layer recording its assignments; restores both afterwards."""
+    was_training = model.training
+    model.eval()
+    for _, layer in moe_layers:
+        layer.record = True
+    try:
+        yield
+    finally:
+        for _, layer in moe_layers:
+            layer.record, layer.last_assignments, layer.last_weights, layer.last_dropped = False, None, None, None
+        model.train(was_training)
+
+
+def _passage(moe_layers, x: torch.Tensor, row: int, n: int, source: str,
+             pieces: Optional[Callable[[list[int]], list[str]]], domains: list[str]) -> Passage:
+    """Row `row` of batch x (B, L), first n tokens, as the MoE layers of the last forward routed it."""
+    L = x.shape[1]
+    ids = [int(v) for v in x[row, :n].tolist()]
+    layers = []
+    for i, layer in moe_layers:
+        token, expert = (t.cpu() for t in layer.last_assignments)
+        weight = layer.last_weights.float().cpu()
+        sel = (token // L == row) & (token % L < n)
+        pos, e, w = (token[sel] % L).tolist(), expert[sel].tolist(), weight[sel].tolist()
+        experts: list[list[int]] = [[] for _ in range(n)]
+        weights: list[list[float]] = [[] for _ in range(n)]
+        for k in sorted(range(len(pos)), key=lambda k: (pos[k], -w[k])):  # by weight, descending
+            experts[pos[k]].append(int(e[k]))
+            weights[pos[k]].append(round(float(w[k]), WEIGHT_DIGITS))
+        dropped: list[list[int]] = [[] for _ in range(n)]
+        if layer.last_dropped is not None:
+            d_tok, d_exp = (t.cpu() for t in layer.last_dropped)
+            d_sel = (d_tok // L == row) & (d_tok % L < n)
+            for p, ex in zip((d_tok[d_sel] % L).tolist(), d_exp[d_sel].tolist()):
+                dropped[p].append(int(ex))
+        layers.append(PassageLayer(layer=i, top1=[ex[0] if ex else None for ex in experts], experts=experts,
+                                   weights=weights, dropped=dropped))
+    text = pieces(ids) if pieces is not None else [str(t) for t in ids]
+    return Passage(source=source, ids=ids, text_tokens=text, domains=domains, layers=layers)
 
 
 def _layer_report(a: _LayerAccumulator, domain_names: Optional[list[str]], decode) -> LayerReport:
@@ -222,16 +353,25 @@ def _show(decode, token_id: int) -> str:
 
 def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] = -1, data_dir: Optional[Path] = None,
              out_dir: Optional[Path] = None, device: str = "auto", console: Any = None,
-             write: bool = True) -> tuple[EvalReport, dict]:
+             write: bool = True, passages: int = N_PASSAGES, text: Optional[str] = None,
+             html: Path | str | bool | None = None) -> tuple[EvalReport, dict]:
     """Load a run / checkpoint, evaluate it on `split`, write eval.json and the load heatmap.
 
     n_batches: -1 = the trainer's own evaluation sample (train.eval_batches, seed train.seed);
-    None = every token of the split; N = a seeded sample of N batches. Returns (report, files written).
+    None = every token of the split; N = a seeded sample of N batches. passages: how many of the
+    pass's windows `report.passages` records token by token; text: the user's own text to record
+    instead (see `read_user_text`; cut after MAX_TEXT_TOKENS tokens). html: also write the routing
+    page (`moe_lm.routing_page`): True = <out>/routing.html, or a file path whose folder exists
+    (ConfigError otherwise, raised before any work). Returns (report, files written: name -> path).
     """
     from .data.shards import TokenData
+    from .data.tokenizer import eot_id, token_texts
     from .loading import check_same_tokenizer, load_model
     from .training.trainer import resolve_device
 
+    html_path = check_html_path(html) if html not in (None, False, True) else None
+    if text is not None and not text.strip():
+        raise DataError("the text to show is empty", "pass a file with some text in it with --text, or --prompt TEXT")
     dev, amp_dtype = resolve_device(device, "auto")
     loaded = load_model(path, device=dev)
     cfg = loaded.cfg
@@ -256,6 +396,9 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    def pieces(ids: list[int]) -> list[str]:
+        return token_texts(tok, ids)
+
     quiet = console is None or not console.is_terminal
     with Progress(TextColumn("evaluating"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"),
                   TimeRemainingColumn(), console=console, transient=True, disable=quiet) as bar:
@@ -264,13 +407,76 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
             loaded.model, tokens, seq_len=cfg.model.seq_len, batch_size=batch_size, n_batches=n_batches, seed=seed,
             domains=domains, domain_names=names, decode=lambda i: tok.decode([i]), device=dev, amp_dtype=amp_dtype,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            passages=0 if text is not None else passages, pieces=pieces,
         )
+    if text is not None:
+        # NOTE: after EOT, as a document starts in the training data (and as `generate` prompts)
+        ids = [eot_id(tok)] + tok.encode(text, add_special_tokens=False).ids
+        report.passages = route_text(loaded.model, ids[:MAX_TEXT_TOKENS], seq_len=cfg.model.seq_len, pieces=pieces,
+                                     device=dev, amp_dtype=amp_dtype)
+        if len(ids) > MAX_TEXT_TOKENS:
+            for p in report.passages:
+                p.source += f" (the text's first {MAX_TEXT_TOKENS} of {len(ids)} tokens)"
+    else:
+        for p in report.passages:
+            p.source = f"{split} {p.source}"
     report.split, report.checkpoint, report.step, report.data_dir = split, str(loaded.checkpoint), loaded.step, str(data_dir)
+    report.name = cfg.name
+    m = cfg.model.moe
+    if m is not None:
+        report.moe = {"router": m.router, "n_experts": m.n_experts, "top_k": m.top_k,
+                      "n_shared_experts": m.n_shared_experts, "capacity_factor": m.capacity_factor}
     files: dict = {}
-    if write:
+    if write or html not in (None, False):
         out = Path(out_dir) if out_dir is not None else (loaded.run_dir or loaded.checkpoint)
-        files = write_outputs(report, out, title=cfg.name)
+        out.mkdir(parents=True, exist_ok=True)
+        if write:
+            files = write_outputs(report, out, title=cfg.name)
+        if html not in (None, False):
+            from .routing_page import write_page
+
+            files["html"] = write_page(report.to_json(), html_path or out / "routing.html")
     return report, files
+
+
+def read_user_text(text_file: Optional[Path] = None, prompt: Optional[str] = None) -> Optional[str]:
+    """The text `eval --text FILE` / `--prompt TEXT` asks to show, or None for neither.
+
+    Raises ConfigError when both are given, DataError when the file is missing, not UTF-8 text,
+    or the text is empty (whitespace only).
+    """
+    from .errors import ConfigError
+
+    if text_file is not None and prompt is not None:
+        raise ConfigError("--text and --prompt contradict each other", "pass one of them")
+    if text_file is not None:
+        text_file = Path(text_file)
+        if not text_file.is_file():
+            raise DataError(f"text file {text_file} does not exist", "pass the path of a UTF-8 text file to --text")
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise DataError(f"text file {text_file} is not readable UTF-8 text ({type(exc).__name__})",
+                            "pass a UTF-8 text file to --text") from exc
+        if not text.strip():
+            raise DataError(f"text file {text_file} is empty", "pass a file with some text in it")
+        return text
+    if prompt is not None and not prompt.strip():
+        raise DataError("--prompt is empty", "pass some text, e.g. --prompt 'def main():'")
+    return prompt
+
+
+def check_html_path(path: Path | str) -> Path:
+    """The routing page's path, checked before any work: its folder must exist and the path must
+    not be a folder (ConfigError otherwise)."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--html {path} is a folder", f"name a file, e.g. --html {path / 'routing.html'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--html {path}: the folder {path.parent} does not exist", "create it first or pick another path")
+    return path
 
 
 def write_outputs(report: EvalReport, out_dir: Path, title: str = "") -> dict:

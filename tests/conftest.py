@@ -33,3 +33,34 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     data = TokenData.open(out)
     assert len(data.split("val")) >= 4096, "the tiny corpus must give val at least 4k tokens"
     return out
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+@pytest.fixture(scope="session")
+def dump_dom(tmp_path_factory):
+    """A function url -> the DOM a headless Chromium holds after the page's scripts ran (a str).
+
+    The browser: $MOE_LM_CHROMIUM, else the first of BROWSERS on PATH (`make test` installs
+    Debian's chromium when it can). Skips, saying why, when there is none.
+    """
+    import shutil
+    import subprocess
+
+    exe = os.environ.get("MOE_LM_CHROMIUM") or next((p for p in map(shutil.which, BROWSERS) if p), None)
+    if not exe:
+        pytest.skip("no headless Chromium on this machine (looked for $MOE_LM_CHROMIUM and "
+                    f"{', '.join(BROWSERS)}): `make test` as root installs Debian's chromium")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+
+    def dump(url: str) -> str:
+        proc = subprocess.run(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-extensions", f"--user-data-dir={profile}", "--dump-dom", url],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0 and "<html" in proc.stdout, f"{exe} failed: {proc.stderr[-2000:]}"
+        return proc.stdout
+
+    return dump

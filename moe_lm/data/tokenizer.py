@@ -108,3 +108,61 @@ def decode_documents(tok: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
         start = end + 1
     if start < len(ids):
         yield tok.decode(ids[start:].tolist(), skip_special_tokens=False)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The ByteLevel symbol -> byte table (GPT-2's bytes_to_unicode, inverted): printable bytes
+    stand for themselves, the others for the code points 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            symbols[chr(b)] = b
+        else:
+            symbols[chr(256 + n)] = b
+            n += 1
+    return symbols
+
+
+_SYMBOL_BYTE = _byte_level_alphabet()
+
+
+def token_texts(tok: Tokenizer, ids: Iterable[int]) -> list[str]:
+    """The text each token adds, one string per id, joined = the decoded text.
+
+    The tokens' bytes go through one incremental UTF-8 decoder, so each character is given to
+    the token that completes it: a token holding only the first bytes of a character gets ""
+    (its character appears on the next token), and bytes that never form a character (a
+    window that starts or ends inside one) become U+FFFD. Special tokens (EOT) give their own
+    text, e.g. "<|endoftext|>". Raises nothing for ids in the vocabulary; an unknown id gives "".
+    """
+    import codecs
+
+    special = {int(i) for i in tok.get_added_tokens_decoder()}
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out: list[str] = []
+
+    def flush() -> None:
+        rest = decoder.decode(b"", final=True)
+        if rest and out:
+            out[-1] += rest
+        decoder.reset()
+
+    for i in ids:
+        i = int(i)
+        symbols = tok.id_to_token(i)
+        if i in special:
+            flush()
+            out.append(symbols)
+            continue
+        if symbols is None:
+            out.append("")
+            continue
+        try:
+            raw = bytes(_SYMBOL_BYTE[c] for c in symbols)
+        except KeyError:  # not a byte-level vocabulary: the tokenizer's own decoding of the id
+            out.append(tok.decode([i], skip_special_tokens=False))
+            continue
+        out.append(decoder.decode(raw))
+    flush()
+    return out

@@ -143,9 +143,12 @@ class MoELayer(nn.Module):
         self.shared_experts = (FeedForward(d_model, cfg.n_shared_experts * hidden, activation, std, down_std)
                                if cfg.n_shared_experts > 0 else None)
         self.dispatch_path: str | None = None  # None = dispatch.choose_path's rule; tests force a path
-        # eval's specialisation report sets record=True to read the kept (token, expert) pairs
+        # eval sets record=True to read what the last forward routed: the kept (token, expert)
+        # pairs, their gate weights, and the (token, expert) pairs a capacity limit dropped
         self.record = False
         self.last_assignments: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.last_dropped: tuple[torch.Tensor, torch.Tensor] | None = None
         # under torchrun (moe_lm.distributed.prepare_model): the differentiable sum over the ranks
         # that makes balance losses see the global batch, and this rank's share of the experts
         self.sum_over_ranks = None
@@ -169,12 +172,17 @@ class MoELayer(nn.Module):
         token, expert, weight = r.token, r.expert, r.weight
         n_assigned = token.numel()
         cap = self.capacity(x.shape[0])
+        dropped = None
         if cap is not None:
             # NOTE: boolean indexing syncs with the device once; only with a capacity limit.
             keep = capacity_keep(expert, r.score, self.n_experts, cap)
+            if self.record:
+                dropped = (token[~keep].detach(), expert[~keep].detach())
             token, expert, weight = token[keep], expert[keep], weight[keep]
         if self.record:
             self.last_assignments = (token.detach(), expert.detach())  # token indexes x's (T, d) rows
+            self.last_weights = weight.detach()
+            self.last_dropped = dropped
         if self.expert_parallel is not None:
             y = dispatch.moe_ffn_expert_parallel(x, token, expert, weight, self.experts, self.expert_parallel,
                                                  path=self.dispatch_path)
