@@ -385,8 +385,29 @@ def bench_prepare_cmd(
         render_prepare(r, console)
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Exit, Abort) classes of click and of the copy of click that typer ≥ 0.2x
+    vendors as typer._click (its exceptions are not click's, so `isinstance(exc, click.X)` misses them)."""
+    import importlib
+
+    kinds: tuple[list, list, list] = ([], [], [])
+    for mod in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        for i, name in enumerate(("ClickException", "Exit", "Abort")):
+            if hasattr(m, name):
+                kinds[i].append(getattr(m, name))
+    return tuple(kinds[0]), tuple(kinds[1]), tuple(kinds[2])
+
+
 def run() -> None:
-    """Console-script entry point: run the app, turning user errors into one line + exit 2."""
+    """Console-script entry point: run the app, turning user errors into one line + exit 2.
+
+    A usage error (unknown command or option, a missing argument) prints as click prints it: the
+    command's usage line, the problem with click's own "Did you mean", exit 2."""
+    click_error, click_exit, click_abort = _click_exceptions()
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
@@ -402,17 +423,15 @@ def run() -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except click_error as exc:  # usage errors: standalone mode is off, so they come here to be shown
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exit as exc:
+        sys.exit(exc.exit_code)
+    except click_abort:
+        err_console.print("aborted")
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            err_console.print("aborted")
-            sys.exit(130)
         if _state["debug"]:
             raise
         err_console.print(
