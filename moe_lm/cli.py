@@ -179,7 +179,7 @@ def eval_cmd(
 def compare_dense_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="An MoE config (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per model (train.seed, +1, ...); the spread decides the verdict."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per model (train.seed, +1, ...); the spread decides the verdict (a win needs at least 3)."),
     with_dense_total: bool = typer.Option(False, "--with-dense-total", help="Also train a dense model with as many total parameters as the MoE (an upper reference)."),
     lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Comma-separated learning rates, e.g. 1e-3,3e-3,6e-3: each model keeps its own best (seed train.seed) for all seeds.", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: runs/compare-<name>/]."),

@@ -259,17 +259,35 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
     return report
 
 
+MIN_SEEDS_FOR_A_WIN = 3
+
+
 def verdict(moe_ppl: list[float], dense_ppl: list[float]) -> tuple[str, float, bool]:
     """The plain-words verdict, the relative difference in % (negative = MoE lower), and whether
-    it is a clear win (every MoE seed below every dense seed)."""
+    it is a clear win (every MoE seed below every dense seed, with at least MIN_SEEDS_FOR_A_WIN
+    seeds each).
+
+    With no real difference every ordering of the 2n final perplexities is equally likely, so "every
+    seed of one model below every seed of the other" happens by chance 1 time in C(2n, n) for
+    either side: 1 in 6 with 2 seeds, 1 in 20 with 3. Below 3 seeds no side is declared the winner."""
+    import math
+
     m, d = statistics.mean(moe_ppl), statistics.mean(dense_ppl)
     pct = 100.0 * (m - d) / d
-    n = len(moe_ppl)
+    n = min(len(moe_ppl), len(dense_ppl))
     seeds = f"{n} seed{'s' if n != 1 else ''}"
+    lower, higher = ("MoE", "its dense twin") if pct < 0 else ("the dense twin", "the MoE")
     if n == 1 and moe_ppl != dense_ppl:
-        lower, higher = ("MoE", "its dense twin") if pct < 0 else ("the dense twin", "the MoE")
         return (f"{lower} is {abs(pct):.1f}% lower in perplexity than {higher} at equal training FLOPs (1 seed: "
-                f"no spread to compare with; run --seeds 3)"), pct, False
+                f"no spread to compare with; run --seeds {MIN_SEEDS_FOR_A_WIN})"), pct, False
+    separated = max(moe_ppl) < min(dense_ppl) or min(moe_ppl) > max(dense_ppl)
+    if separated and n < MIN_SEEDS_FOR_A_WIN:
+        first, second = ("MoE", "dense") if pct < 0 else ("dense", "MoE")
+        chance = math.comb(len(moe_ppl) + len(dense_ppl), len(moe_ppl))
+        return (f"{lower} is {abs(pct):.1f}% lower in perplexity than {higher} at equal training FLOPs ({seeds}: "
+                f"every {first} seed below every {second} seed, which happens by chance 1 time in {chance} with "
+                f"{seeds} even when the models do not differ - too few seeds for a verdict; run --seeds "
+                f"{MIN_SEEDS_FOR_A_WIN} or more)"), pct, False
     if max(moe_ppl) < min(dense_ppl):
         return (f"MoE is {-pct:.1f}% lower in perplexity at equal training FLOPs ({seeds}; every MoE seed below "
                 f"every dense seed)"), pct, True
