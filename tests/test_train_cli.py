@@ -134,3 +134,17 @@ def test_missing_data_folder_is_one_line_exit_2(tmp_path):
     assert_one_line_error(proc, "nope")
     assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.moe.capacity_factor=.inf", "model.moe.capacity_factor"),
+    ("model.moe.capacity_factor=1e300", "model.moe.capacity_factor"),
+    ("train.seed=1180591620717411303424", "train.seed"),
+    ("train.lr=nan", "train.lr"),
+    ("model.moe.balance_coef=.inf", "model.moe.balance_coef"),
+])
+def test_an_absurd_number_is_one_line_exit_2_before_the_run_folder_exists(override, key, tiny_data_dir, tmp_path):
+    proc = moe_lm_train("--config", str(TINY_MOE), "--out", str(tmp_path / "run"), *tiny(tiny_data_dir, override),
+                        cwd=tmp_path)
+    assert_one_line_error(proc, f"{key} = ")
+    assert not (tmp_path / "run").exists()
