@@ -78,29 +78,39 @@ def option_number(option: str, value: Any, lo: Optional[float] = None, hi: Optio
         number(option, value, lo, hi, sep=" ", **kw)
 
 
+def _said(name: str, value: Any) -> str:
+    """How a value reads in a message: `--device tpu` for an option, `train.device = 'tpu'` for a key."""
+    return f"{name} {value}" if name.startswith("-") else f"{name} = {value!r}"
+
+
+def _fix(name: str, value: str) -> str:
+    return f"{name} {value}" if name.startswith("-") else f"{name}={value}"
+
+
 def choice(name: str, value: Any, allowed: Iterable[str], hint: Optional[str] = None) -> None:
+    """ConfigError unless `value` is one of `allowed` (listed in the message)."""
     allowed = tuple(allowed)
     if value not in allowed:
-        raise ConfigError(f"{name} {value!r} is not one of: {' | '.join(allowed)}", hint)
+        raise ConfigError(f"{_said(name, value)}: allowed: {' | '.join(allowed)}", hint)
 
 
 def device(name: str, value: str, allowed: Iterable[str] = DEVICES) -> None:
-    """One of `allowed` and, for cuda / mps, present on this machine."""
+    """One of `allowed` (DEVICES by default) and, for cuda / mps, present on this machine. Every
+    command's --device and train.device go through here before any work."""
+    allowed = tuple(allowed)
     choice(name, value, allowed)
-    if value == "cuda":
-        import torch
+    if value not in ("cuda", "mps"):
+        return
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{name} cuda, but torch sees no CUDA device", f"use {name} auto or cpu")
-    if value == "mps":
-        import torch
-
-        mps = getattr(torch.backends, "mps", None)
-        if not (mps is not None and mps.is_available()):
-            raise ConfigError(f"{name} mps, but torch sees no MPS device", f"use {name} auto or cpu")
+    mps = getattr(torch.backends, "mps", None)
+    present = torch.cuda.is_available() if value == "cuda" else (mps is not None and mps.is_available())
+    if not present:
+        others = " or ".join(_fix(name, v) for v in ("auto", "cpu") if v in allowed)
+        raise ConfigError(f"{_said(name, value)} but torch sees no {value.upper()} device", f"use {others}")
 
 
-def _blocking_file(path: Path) -> Optional[Path]:
+def blocking_file(path: Path) -> Optional[Path]:
     """The existing non-folder at `path` or on the way to it (a file where a folder must be), or None."""
     for p in [path, *path.parents]:
         if p.exists():
@@ -113,7 +123,7 @@ def out_folder(name: str, path: Optional[Path | str], hint: str = "pass a folder
     if path is None:
         return
     path = Path(path)
-    blocker = _blocking_file(path)
+    blocker = blocking_file(path)
     if blocker == path:
         raise ConfigError(f"{name} {path} is a file, not a folder", hint)
     if blocker is not None:
@@ -127,8 +137,7 @@ def in_file(name: str, path: Optional[Path | str], hint: Optional[str] = None) -
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{name} {path} is a folder, not a file", hint)
-    if not path.exists():
-        raise ConfigError(f"{name} {path} does not exist", hint)
+    _exists(name, path, hint)
 
 
 def in_folder(name: str, path: Optional[Path | str], hint: Optional[str] = None) -> None:
@@ -138,5 +147,13 @@ def in_folder(name: str, path: Optional[Path | str], hint: Optional[str] = None)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name} {path} is a file, not a folder", hint)
-    if not path.exists():
-        raise ConfigError(f"{name} {path} does not exist", hint)
+    _exists(name, path, hint)
+
+
+def _exists(name: str, path: Path, hint: Optional[str]) -> None:
+    if path.exists():
+        return
+    blocker = blocking_file(path)
+    if blocker is not None:
+        raise ConfigError(f"{name} {path}: {blocker} is a file, not a folder", hint)
+    raise ConfigError(f"{name} {path} does not exist", hint)

@@ -154,13 +154,17 @@ def eval_cmd(
     expert specialisation; writes eval.json and a layer x expert heatmap beside the run."""
     import json
 
+    from . import checks
     from .errors import ConfigError
     from .evaluation import render_report, run_eval
 
     if all_tokens and batches is not None:
         raise ConfigError("--all and --batches contradict each other", "pass one of them")
-    if batches is not None and batches < 1:
-        raise ConfigError(f"--batches must be ≥ 1, got {batches}", "or pass --all for the whole split")
+    checks.option_number("--batches", batches, 1, 2**20, integer=True, hint="or pass --all for the whole split")
+    checks.choice("--split", split, ("val", "test", "train"))
+    checks.device("--device", device)
+    checks.in_folder("--data", data, "pass a folder written by `moe-lm prepare`")
+    checks.out_folder("--out", out)
     n_batches = None if all_tokens else (batches if batches is not None else -1)
     report, files = run_eval(path, split=split, n_batches=n_batches, data_dir=data, out_dir=out, device=device,
                              console=None if json_out else console)
@@ -191,21 +195,12 @@ def compare_dense_cmd(
     data order and schedule, then report perplexity vs training FLOPs and wall-clock, with a verdict.
 
     Finished runs are reused and interrupted ones resumed, so it can be stopped and run again."""
-    from .compare import compare_dense, render_table
+    from .compare import compare_dense, parse_lr_sweep, render_table
     from .config import load_config
-    from .errors import ConfigError
 
     cfg = load_config(config, overrides or [])
-    lrs = None
-    if lr_sweep:
-        try:
-            lrs = [float(v) for v in lr_sweep.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--lr-sweep {lr_sweep!r} is not a comma-separated list of numbers",
-                              "e.g. --lr-sweep 1e-3,3e-3,6e-3") from None
-        if not lrs or any(v <= 0 for v in lrs):
-            raise ConfigError(f"--lr-sweep {lr_sweep!r} needs positive learning rates", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
-    try:
+    lrs = parse_lr_sweep(lr_sweep) if lr_sweep is not None else None
+    try:  # NOTE: compare_dense checks every option before it trains anything
         report = compare_dense(cfg, seeds=seeds, with_dense_total=with_dense_total, out_dir=out, lr_sweep=lrs,
                                overwrite=overwrite, device=device, console=console, reuse_moe=reuse_moe)
     except KeyboardInterrupt:
@@ -225,9 +220,11 @@ def info(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size when the config's data folder is not prepared yet."),
 ) -> None:
     """Total vs active parameters, FLOPs per token, the dense twin, and a training-memory estimate."""
+    from . import checks
     from .config import load_config
     from .model.accounting import render_info
 
+    checks.option_number("--vocab-size", vocab_size, 2, 2**32, integer=True)
     cfg = load_config(config, overrides or [])
     render_info(cfg, vocab_size=vocab_size, console=console)
 
@@ -252,7 +249,7 @@ def bench_layer_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | grouped_mm (default: the measured rule)."),
+    dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | grouped_mm where this torch has it (default: the measured rule)."),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time transformers' MixtralSparseMoeBlock when installed."),
     tune_malloc: bool = typer.Option(False, "--tune-malloc", help="glibc: keep freed memory in the heap (no page faults on large allocations), for every contender."),
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
@@ -313,11 +310,15 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at each token (slow; for comparison)."),
 ) -> None:
     """Sample text from a trained model, streamed as it is generated (KV cache)."""
-    from .generate import stream
+    from . import checks
+    from .generate import check_sampling, stream
     from .loading import load_model
     from .training.trainer import resolve_device
 
-    dev, _ = resolve_device(device, "float32")
+    checks.option_number("--top-k", top_k, 0, 2**32, integer=True, hint="0 = every token")
+    check_sampling(temperature, top_k or None, top_p, max_new_tokens)
+    checks.option_number("--seed", seed, 0, checks.SEED_MAX, integer=True)
+    dev, _ = resolve_device(device, "float32", "--device")
     loaded = load_model(path, device=dev)
 
     def write(piece: str) -> None:
@@ -353,7 +354,7 @@ def bench_train_cmd(
     from .training.trainer import bench_train
 
     cfg = load_config(config, overrides or [])
-    r = bench_train(cfg, steps=steps, rounds=rounds, warmup=warmup, device=device)
+    r = bench_train(cfg, steps=steps, rounds=rounds, warmup=warmup, device=device)  # checks its options first
     r["name"] = cfg.name
     # NOTE: the process's peak resident memory, both models together (ru_maxrss is in KiB on Linux)
     r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -375,10 +376,14 @@ def bench_prepare_cmd(
     """Tokeniser training time and tokenisation MB/s of `prepare` on the built-in corpus (in a temporary folder)."""
     import json
 
+    from . import checks
     from .bench import median_prepare, render_prepare
     from .data.prepare import bench_prepare
 
-    r = median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(max(1, repeats))])
+    checks.option_number("--repeats", repeats, 1, 1000, integer=True)
+    checks.option_number("--max-bytes", max_bytes, 1, integer=True, hint="or leave it out for the whole corpus")
+    checks.option_number("--vocab-size", vocab_size, 257, 2**32, integer=True)
+    r = median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(repeats)])
     if json_out:
         console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
     else:

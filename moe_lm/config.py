@@ -354,6 +354,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a file", "pass a YAML file, e.g. configs/tiny-moe.yaml")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}", "see configs/ for the shipped configs")
         try:

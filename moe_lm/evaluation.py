@@ -232,7 +232,7 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
     from .loading import check_same_tokenizer, load_model
     from .training.trainer import resolve_device
 
-    dev, amp_dtype = resolve_device(device, "auto")
+    dev, amp_dtype = resolve_device(device, "auto", "--device")
     loaded = load_model(path, device=dev)
     cfg = loaded.cfg
     data_dir = Path(data_dir) if data_dir is not None else Path(cfg.data.dir)

@@ -249,8 +249,9 @@ def export_hf(path: Path | str, out_dir: Path | str, overwrite: bool = False) ->
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"--out {out_dir} is a file", "pass a folder path")
+    from .checks import out_folder
+
+    out_folder("--out", out_dir)  # not a file, nor under one
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"--out {out_dir} exists and is not empty", "pass --overwrite to replace it")
 

@@ -46,7 +46,14 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Loaded:
     """A run folder (its latest checkpoint) or a checkpoint folder -> Loaded (model in eval mode)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist", "pass a run folder (runs/<name>) or a checkpoint folder")
+        from .checks import blocking_file
+
+        blocker = blocking_file(path)
+        what = f"{path}: {blocker} is a file, not a folder" if blocker is not None else f"{path} does not exist"
+        raise CheckpointError(what, "pass a run folder (runs/<name>) or a checkpoint folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a run, checkpoint or export folder",
+                              "pass a run folder (runs/<name>), a checkpoint folder or a `moe-lm export` folder")
     if (path / "config.json").is_file() and not (path / "state.json").is_file():  # a `moe-lm export` folder
         from .export import load_hf_folder
         return load_hf_folder(path, device)
