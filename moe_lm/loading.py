@@ -37,9 +37,14 @@ class Loaded:
     tokenizer_path: Path
 
     def tokenizer(self):
-        from tokenizers import Tokenizer
+        """The checkpoint's (or export's) tokenizer; CheckpointError when its tokenizer.json is damaged."""
+        from .data.tokenizer import load_tokenizer
 
-        return Tokenizer.from_file(str(self.tokenizer_path))
+        try:
+            return load_tokenizer(self.tokenizer_path)
+        except DataError as exc:
+            raise CheckpointError(exc.message,
+                                  "use another checkpoint of the run, or retrain from data prepared again") from exc
 
 
 def load_model(path: Path | str, device: str | torch.device = "cpu") -> Loaded:

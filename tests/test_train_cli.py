@@ -148,3 +148,45 @@ def test_an_absurd_number_is_one_line_exit_2_before_the_run_folder_exists(overri
                         cwd=tmp_path)
     assert_one_line_error(proc, f"{key} = ")
     assert not (tmp_path / "run").exists()
+
+
+def _damaged_copy(tiny_data_dir: Path, tmp_path: Path, how: str) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    tok = data / "tokenizer.json"
+    raw = bytearray(tok.read_bytes())
+    if how == "first-bytes":  # the case: the first bytes overwritten, size unchanged
+        raw[:16] = b"\x00" * 16
+    else:  # still valid JSON, one merge changed: only the checksum tells
+        i = raw.index(b'"merges"') + 40
+        raw[i] = ord("a") if raw[i] != ord("a") else ord("b")
+    tok.write_bytes(bytes(raw))
+    return data
+
+
+@pytest.mark.parametrize("how", ["first-bytes", "valid-json"])
+def test_a_damaged_tokenizer_is_refused_when_the_data_is_opened(how, tiny_data_dir, tmp_path):
+    data = _damaged_copy(tiny_data_dir, tmp_path, how)
+    proc = moe_lm_train("--config", str(TINY_MOE), "--out", str(tmp_path / "run"), *tiny(data), cwd=tmp_path)
+    assert_one_line_error(proc, str(data / "tokenizer.json"), "moe-lm prepare")
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing copied into a checkpoint
+
+
+def test_eval_on_a_data_folder_with_a_damaged_tokenizer_is_one_line(finished_run, tiny_data_dir, tmp_path):
+    data = _damaged_copy(tiny_data_dir, tmp_path, "first-bytes")
+    proc = subprocess.run([sys.executable, "-m", "moe_lm", "eval", str(finished_run), "--data", str(data),
+                           "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, str(data / "tokenizer.json"), "moe-lm prepare")
+
+
+def test_a_checkpoint_whose_tokenizer_copy_is_damaged_is_a_checkpoint_error(finished_run, tmp_path):
+    # a checkpoint written before the data folder's tokenizer was checked carries the damaged copy
+    from moe_lm.errors import CheckpointError
+    from moe_lm.loading import load_model
+
+    loaded = load_model(finished_run)
+    bad = tmp_path / "tokenizer.json"
+    bad.write_bytes(b"\x00" * 16 + loaded.tokenizer_path.read_bytes()[16:])
+    loaded.tokenizer_path = bad
+    with pytest.raises(CheckpointError, match=str(bad)):
+        loaded.tokenizer()
