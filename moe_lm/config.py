@@ -9,6 +9,8 @@ Every number is checked where it is read: floats must be finite (no .inf / .nan)
 and float key has a range in `LIMITS` (validate() refuses a numeric key without one), e.g.
 train.seed in [0, 2^63 - 1] (what torch.manual_seed takes), sizes and step counts bounded far
 above any real run but below overflow; then the keys that depend on each other are checked.
+Settings that are valid but probably not meant (train.warmup_steps ≥ train.max_steps) are not
+refused: `config_warnings` lists them, and train and info print them.
 """
 
 from __future__ import annotations
@@ -343,6 +345,30 @@ def validate(cfg: Config) -> None:
            f"must divide train.batch_size ({t.batch_size})")
     _check(t.device in DEVICES, "train.device", t.device, f"allowed: {' | '.join(DEVICES)}")
     _check(t.dtype in DTYPES, "train.dtype", t.dtype, f"allowed: {' | '.join(DTYPES)}")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not meant, one line each (train and info print them).
+
+    Warned, not refused: train.warmup_steps ≥ train.max_steps, where the learning rate never
+    reaches train.lr (or reaches it only at the last step) and never decays. Short smoke runs of a
+    shipped config (train.max_steps=4 with its 20 warmup steps) are legitimate, and a run whose
+    max_steps is raised on --resume gets its full schedule, so refusing would be wrong.
+
+    Allowed silently, on purpose: train.eval_every, train.checkpoint_every and train.log_every
+    larger than train.max_steps - the trainer always logs, evaluates and checkpoints at the last
+    step, so a value past the end only means "at the end".
+    """
+    t = cfg.train
+    out = []
+    if t.warmup_steps > t.max_steps:
+        out.append(f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): the learning rate "
+                   f"only climbs to {t.max_steps}/{t.warmup_steps} of train.lr and never decays (set "
+                   f"train.warmup_steps ≤ {t.max_steps}, e.g. {max(0, t.max_steps // 10)})")
+    elif t.warmup_steps == t.max_steps and t.max_steps > 1:
+        out.append(f"train.warmup_steps = train.max_steps ({t.max_steps}): the learning rate reaches train.lr at "
+                   f"the last step and never decays (e.g. train.warmup_steps={max(0, t.max_steps // 10)})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

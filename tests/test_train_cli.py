@@ -150,6 +150,14 @@ def test_an_absurd_number_is_one_line_exit_2_before_the_run_folder_exists(overri
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warmup_longer_than_the_run_is_warned_and_recorded(finished_run):
+    # finished_run: tiny-moe's 20 warmup steps with train.max_steps=4 - valid (a smoke run), but the
+    # learning rate never reaches train.lr: warned (config.config_warnings), not refused
+    events = [r for r in read_metrics(finished_run / "metrics.jsonl") if r.get("event") == "config_warning"]
+    assert len(events) == 1 and events[0]["step"] == 0
+    assert events[0]["message"].startswith("train.warmup_steps (20) > train.max_steps (4)")
+
+
 def _damaged_copy(tiny_data_dir: Path, tmp_path: Path, how: str) -> Path:
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)

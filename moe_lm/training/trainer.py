@@ -40,7 +40,7 @@ import torch
 
 from .. import __version__
 from .. import checks, distributed
-from ..config import Config, dump_yaml, validate
+from ..config import Config, config_warnings, dump_yaml, validate
 from ..errors import ConfigError, DataError, RunError, TrainingError
 from . import checkpoint as ckpt_io
 from .metrics import (CollapseAlarm, JsonlSink, LoadMeter, TensorBoardSink, TrainDisplay, eval_record,
@@ -185,6 +185,9 @@ def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, conso
     end_step = t.max_steps if stop_after is None else min(t.max_steps, stop_after)
     console.print(_start_line(cfg, n_params, device, amp_dtype, run_dir, step, start_ckpt, ctx), markup=False,
                   highlight=False, soft_wrap=True)
+    for warning in config_warnings(cfg):  # valid but probably not meant (config.config_warnings)
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+        write(event_record(step=step, event="config_warning", message=warning))
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     meter, val_meter = LoadMeter(moe_layers, ctx), LoadMeter(moe_layers, ctx)
     last_ckpt: Optional[Path] = start_ckpt
