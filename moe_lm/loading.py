@@ -102,12 +102,28 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """The same tokenizer.json, or the same but for the post-processor (an export adds one that
+    puts <|endoftext|> first; it changes no id of any text)."""
+    import json
+
+    if file_digest(a) == file_digest(b):
+        return True
+    try:
+        ja, jb = (json.loads(Path(p).read_text(encoding="utf-8")) for p in (a, b))
+    except (OSError, ValueError):
+        return False
+    for j in (ja, jb):
+        j.pop("post_processor", None)
+    return ja == jb
+
+
 def check_same_tokenizer(loaded: Loaded, data_dir: Path) -> None:
     """The data folder must be tokenised with the checkpoint's tokenizer (same ids for the same text)."""
     from .data.shards import TokenData
 
     data = TokenData.open(data_dir)
-    if data.vocab_size != loaded.cfg.model.vocab_size or file_digest(data.tokenizer_path) != file_digest(loaded.tokenizer_path):
+    if data.vocab_size != loaded.cfg.model.vocab_size or not same_tokenizer(data.tokenizer_path, loaded.tokenizer_path):
         raise DataError(
             f"{data_dir} was tokenised with another tokenizer ({data.vocab_size} tokens) than the model in "
             f"{loaded.checkpoint} ({loaded.cfg.model.vocab_size} tokens)",
