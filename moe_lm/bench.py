@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import checks
 from .config import MoEConfig
-from .errors import ConfigError
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
@@ -104,17 +104,21 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
     memory_limit_gib is skipped, with the reason). Returns a JSON-ready dict."""
     from .model.moe import FeedForward, MoELayer
 
-    if top_k < 1 or experts < 1 or top_k > experts:
-        raise ConfigError(f"--top-k {top_k} with --experts {experts}: need 1 ≤ top-k ≤ experts")
-    if repeats < 1 or tokens < 1 or d_model < 1:
-        raise ConfigError("--repeats, --tokens and --d-model must be ≥ 1")
+    from .model.dispatch import PATHS
+
+    # every option before any work: numbers in range, choices among the values listed
+    for option, v, lo, hi in (("--d-model", d_model, 1, 2**17), ("--tokens", tokens, 1, 2**28),
+                              ("--experts", experts, 1, 2**16), ("--top-k", top_k, 1, experts),
+                              ("--ffn-hidden", ffn_hidden, 1, 2**20), ("--repeats", repeats, 1, 10**6),
+                              ("--warmup", warmup, 0, 10**6), ("--threads", threads, 1, 4096)):
+        checks.option_number(option, v, lo, hi, integer=True)
+    checks.device("--device", device, ("cpu", "cuda"))
+    checks.choice("--dtype", dtype, ("float32", "bfloat16", "float16"))
+    if dispatch_path is not None:
+        checks.choice("--dispatch", dispatch_path, PATHS)
     h = ffn_hidden or max(1, (4 * d_model) // top_k)
     dev = torch.device(device)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if dt is None:
-        raise ConfigError(f"--dtype {dtype}: allowed float32 | bfloat16 | float16")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but torch sees no CUDA device")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -164,13 +164,17 @@ def eval_cmd(
     --html, a page showing which experts each token of a few passages went to."""
     import json
 
+    from . import checks
     from .errors import ConfigError
     from .evaluation import read_user_text, render_report, run_eval
 
     if all_tokens and batches is not None:
         raise ConfigError("--all and --batches contradict each other", "pass one of them")
-    if batches is not None and batches < 1:
-        raise ConfigError(f"--batches must be ≥ 1, got {batches}", "or pass --all for the whole split")
+    checks.option_number("--batches", batches, 1, 2**20, integer=True, hint="or pass --all for the whole split")
+    checks.choice("--split", split, ("val", "test", "train"))
+    checks.device("--device", device)
+    checks.in_folder("--data", data, "pass a folder written by `moe-lm prepare`")
+    checks.out_folder("--out", out)
     n_batches = None if all_tokens else (batches if batches is not None else -1)
     text = read_user_text(text_file, prompt)
     page = None if html is None else (True if html == HTML_DEFAULT else Path(html))
@@ -191,7 +195,7 @@ def eval_cmd(
 def compare_dense_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="An MoE config (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per model (train.seed, +1, ...); the spread decides the verdict."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per model (train.seed, +1, ...); the spread decides the verdict (a win needs at least 3)."),
     with_dense_total: bool = typer.Option(False, "--with-dense-total", help="Also train a dense model with as many total parameters as the MoE (an upper reference)."),
     lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Comma-separated learning rates, e.g. 1e-3,3e-3,6e-3: each model keeps its own best (seed train.seed) for all seeds.", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: runs/compare-<name>/]."),
@@ -203,21 +207,12 @@ def compare_dense_cmd(
     data order and schedule, then report perplexity vs training FLOPs and wall-clock, with a verdict.
 
     Finished runs are reused and interrupted ones resumed, so it can be stopped and run again."""
-    from .compare import compare_dense, render_table
+    from .compare import compare_dense, parse_lr_sweep, render_table
     from .config import load_config
-    from .errors import ConfigError
 
     cfg = load_config(config, overrides or [])
-    lrs = None
-    if lr_sweep:
-        try:
-            lrs = [float(v) for v in lr_sweep.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--lr-sweep {lr_sweep!r} is not a comma-separated list of numbers",
-                              "e.g. --lr-sweep 1e-3,3e-3,6e-3") from None
-        if not lrs or any(v <= 0 for v in lrs):
-            raise ConfigError(f"--lr-sweep {lr_sweep!r} needs positive learning rates", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
-    try:
+    lrs = parse_lr_sweep(lr_sweep) if lr_sweep is not None else None
+    try:  # NOTE: compare_dense checks every option before it trains anything
         report = compare_dense(cfg, seeds=seeds, with_dense_total=with_dense_total, out_dir=out, lr_sweep=lrs,
                                overwrite=overwrite, device=device, console=console, reuse_moe=reuse_moe)
     except KeyboardInterrupt:
@@ -234,12 +229,14 @@ def compare_dense_cmd(
 def info(
     config: Path = typer.Option(..., "--config", "-c", help="A YAML config (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size when the config's data folder is not prepared yet."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size [default: model.vocab_size, else the data folder's, else 8192 (prepare's default); the output says which]."),
 ) -> None:
     """Total vs active parameters, FLOPs per token, the dense twin, and a training-memory estimate."""
+    from . import checks
     from .config import load_config
     from .model.accounting import render_info
 
+    checks.option_number("--vocab-size", vocab_size, 2, 2**32, integer=True)
     cfg = load_config(config, overrides or [])
     render_info(cfg, vocab_size=vocab_size, console=console)
 
@@ -264,7 +261,7 @@ def bench_layer_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | grouped_mm (default: the measured rule)."),
+    dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | grouped_mm where this torch has it (default: the measured rule)."),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time transformers' MixtralSparseMoeBlock when installed."),
     tune_malloc: bool = typer.Option(False, "--tune-malloc", help="glibc: keep freed memory in the heap (no page faults on large allocations), for every contender."),
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
@@ -325,11 +322,15 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at each token (slow; for comparison)."),
 ) -> None:
     """Sample text from a trained model, streamed as it is generated (KV cache)."""
-    from .generate import stream
+    from . import checks
+    from .generate import check_sampling, stream
     from .loading import load_model
     from .training.trainer import resolve_device
 
-    dev, _ = resolve_device(device, "float32")
+    checks.option_number("--top-k", top_k, 0, 2**32, integer=True, hint="0 = every token")
+    check_sampling(temperature, top_k or None, top_p, max_new_tokens)
+    checks.option_number("--seed", seed, 0, checks.SEED_MAX, integer=True)
+    dev, _ = resolve_device(device, "float32", "--device")
     loaded = load_model(path, device=dev)
 
     def write(piece: str) -> None:
@@ -365,7 +366,7 @@ def bench_train_cmd(
     from .training.trainer import bench_train
 
     cfg = load_config(config, overrides or [])
-    r = bench_train(cfg, steps=steps, rounds=rounds, warmup=warmup, device=device)
+    r = bench_train(cfg, steps=steps, rounds=rounds, warmup=warmup, device=device)  # checks its options first
     r["name"] = cfg.name
     # NOTE: the process's peak resident memory, both models together (ru_maxrss is in KiB on Linux)
     r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -387,10 +388,14 @@ def bench_prepare_cmd(
     """Tokeniser training time and tokenisation MB/s of `prepare` on the built-in corpus (in a temporary folder)."""
     import json
 
+    from . import checks
     from .bench import median_prepare, render_prepare
     from .data.prepare import bench_prepare
 
-    r = median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(max(1, repeats))])
+    checks.option_number("--repeats", repeats, 1, 1000, integer=True)
+    checks.option_number("--max-bytes", max_bytes, 1, integer=True, hint="or leave it out for the whole corpus")
+    checks.option_number("--vocab-size", vocab_size, 257, 2**32, integer=True)
+    r = median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(repeats)])
     if json_out:
         console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
     else:
@@ -414,8 +419,29 @@ def optional_html_value(args: list[str]) -> list[str]:
     return out
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Exit, Abort) classes of click and of the copy of click that typer ≥ 0.2x
+    vendors as typer._click (its exceptions are not click's, so `isinstance(exc, click.X)` misses them)."""
+    import importlib
+
+    kinds: tuple[list, list, list] = ([], [], [])
+    for mod in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        for i, name in enumerate(("ClickException", "Exit", "Abort")):
+            if hasattr(m, name):
+                kinds[i].append(getattr(m, name))
+    return tuple(kinds[0]), tuple(kinds[1]), tuple(kinds[2])
+
+
 def run() -> None:
-    """Console-script entry point: run the app, turning user errors into one line + exit 2."""
+    """Console-script entry point: run the app, turning user errors into one line + exit 2.
+
+    A usage error (unknown command or option, a missing argument) prints as click prints it: the
+    command's usage line, the problem with click's own "Did you mean", exit 2."""
+    click_error, click_exit, click_abort = _click_exceptions()
     try:
         code = app(args=optional_html_value(sys.argv[1:]), standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
@@ -431,17 +457,15 @@ def run() -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except click_error as exc:  # usage errors: standalone mode is off, so they come here to be shown
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exit as exc:
+        sys.exit(exc.exit_code)
+    except click_abort:
+        err_console.print("aborted")
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            err_console.print("aborted")
-            sys.exit(130)
         if _state["debug"]:
             raise
         err_console.print(

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import Config, to_dict
+from . import checks
+from .config import LIMITS, SEED_MAX, Config, to_dict
 from .errors import CheckpointError, ConfigError, RunError
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
@@ -48,6 +49,39 @@ class RunSummary:
     tokens_per_s: float
     curve: list[dict] = field(default_factory=list)  # the trainer's evaluations: step, flops, wall_s, val_loss
     reused: bool = False
+
+
+MAX_SEEDS = 1000
+
+
+def check_options(cfg: Config, *, seeds: int, lr_sweep: Optional[list[float]], out_dir: Optional[Path],
+                  device: str, reuse_moe: Optional[Path]) -> None:
+    """Every option of compare-dense, before anything is trained (a bad --device must not wait for
+    the first run to finish)."""
+    checks.option_number("--seeds", seeds, 1, MAX_SEEDS, integer=True, hint="use --seeds 3 to see the spread")
+    checks.number("train.seed", cfg.train.seed, 0, SEED_MAX - (seeds - 1), integer=True,
+                  hint=f"--seeds {seeds} uses train.seed .. train.seed + {seeds - 1}, which must stay ≤ 2^63 - 1")
+    lim = LIMITS["train.lr"]
+    for lr in lr_sweep or []:
+        checks.option_number("--lr-sweep", lr, lim.lo, lim.hi, lo_open=lim.lo_open, hint="e.g. --lr-sweep 1e-3,3e-3,6e-3")
+    checks.device("--device", device)
+    checks.out_folder("--out", out_dir)
+    checks.in_folder("--reuse-moe", reuse_moe, "pass a finished `moe-lm train` run folder, or leave out --reuse-moe")
+
+
+def parse_lr_sweep(text: str) -> list[float]:
+    """'1e-3,3e-3' -> [0.001, 0.003]; ConfigError for anything but positive finite learning rates."""
+    try:
+        lrs = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--lr-sweep {text!r} is not a comma-separated list of numbers",
+                          "e.g. --lr-sweep 1e-3,3e-3,6e-3") from None
+    if not lrs:
+        raise ConfigError(f"--lr-sweep {text!r} holds no learning rate", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
+    lim = LIMITS["train.lr"]
+    for lr in lrs:
+        checks.option_number("--lr-sweep", lr, lim.lo, lim.hi, lo_open=lim.lo_open, hint="e.g. --lr-sweep 1e-3,3e-3,6e-3")
+    return lrs
 
 
 def variant_configs(cfg: Config, with_dense_total: bool = False) -> dict[str, Config]:
@@ -182,8 +216,7 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
     from .training.trainer import _open_data
 
     console = console if console is not None else Console()
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be ≥ 1, got {seeds}", "use --seeds 3 to see the spread")
+    check_options(cfg, seeds=seeds, lr_sweep=lr_sweep, out_dir=out_dir, device=device, reuse_moe=reuse_moe)
     cfg = copy.deepcopy(cfg)
     if cfg.model.moe is None:  # refuse a dense config before touching the data
         variant_configs(cfg)
@@ -265,17 +298,35 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
     return report
 
 
+MIN_SEEDS_FOR_A_WIN = 3
+
+
 def verdict(moe_ppl: list[float], dense_ppl: list[float]) -> tuple[str, float, bool]:
     """The plain-words verdict, the relative difference in % (negative = MoE lower), and whether
-    it is a clear win (every MoE seed below every dense seed)."""
+    it is a clear win (every MoE seed below every dense seed, with at least MIN_SEEDS_FOR_A_WIN
+    seeds each).
+
+    With no real difference every ordering of the 2n final perplexities is equally likely, so "every
+    seed of one model below every seed of the other" happens by chance 1 time in C(2n, n) for
+    either side: 1 in 6 with 2 seeds, 1 in 20 with 3. Below 3 seeds no side is declared the winner."""
+    import math
+
     m, d = statistics.mean(moe_ppl), statistics.mean(dense_ppl)
     pct = 100.0 * (m - d) / d
-    n = len(moe_ppl)
+    n = min(len(moe_ppl), len(dense_ppl))
     seeds = f"{n} seed{'s' if n != 1 else ''}"
+    lower, higher = ("MoE", "its dense twin") if pct < 0 else ("the dense twin", "the MoE")
     if n == 1 and moe_ppl != dense_ppl:
-        lower, higher = ("MoE", "its dense twin") if pct < 0 else ("the dense twin", "the MoE")
         return (f"{lower} is {abs(pct):.1f}% lower in perplexity than {higher} at equal training FLOPs (1 seed: "
-                f"no spread to compare with; run --seeds 3)"), pct, False
+                f"no spread to compare with; run --seeds {MIN_SEEDS_FOR_A_WIN})"), pct, False
+    separated = max(moe_ppl) < min(dense_ppl) or min(moe_ppl) > max(dense_ppl)
+    if separated and n < MIN_SEEDS_FOR_A_WIN:
+        first, second = ("MoE", "dense") if pct < 0 else ("dense", "MoE")
+        chance = math.comb(len(moe_ppl) + len(dense_ppl), len(moe_ppl))
+        return (f"{lower} is {abs(pct):.1f}% lower in perplexity than {higher} at equal training FLOPs ({seeds}: "
+                f"every {first} seed below every {second} seed, which happens by chance 1 time in {chance} with "
+                f"{seeds} even when the models do not differ - too few seeds for a verdict; run --seeds "
+                f"{MIN_SEEDS_FOR_A_WIN} or more)"), pct, False
     if max(moe_ppl) < min(dense_ppl):
         return (f"MoE is {-pct:.1f}% lower in perplexity at equal training FLOPs ({seeds}; every MoE seed below "
                 f"every dense seed)"), pct, True

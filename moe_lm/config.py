@@ -5,6 +5,12 @@
 Every key has a type and a default here; a YAML file or an override only changes values.
 Unknown keys fail with a "did you mean" hint; wrong types and out-of-range values fail naming
 the key, the value and what is allowed (`ConfigError`, printed as one line by the CLI).
+Every number is checked where it is read: floats must be finite (no .inf / .nan), and every int
+and float key has a range in `LIMITS` (validate() refuses a numeric key without one), e.g.
+train.seed in [0, 2^63 - 1] (what torch.manual_seed takes), sizes and step counts bounded far
+above any real run but below overflow; then the keys that depend on each other are checked.
+Settings that are valid but probably not meant (train.warmup_steps ≥ train.max_steps) are not
+refused: `config_warnings` lists them, and train and info print them.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from typing import Any, Optional
 
 import yaml
 
+from . import checks
+from .checks import DEVICES, SEED_MAX
 from .errors import ConfigError
 
 ROUTERS = ("noisy_topk", "softmax_topk", "switch", "expert_choice", "sigmoid_bias")
 BALANCE_LOSSES = ("none", "switch", "shazeer")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -139,14 +146,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key} = {value!r}: expected an integer")
     if inner is float:
+        number: Optional[float] = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} = {value!r}: expected a number")
+        if number is None:
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        if not math.isfinite(number):  # .inf, .nan, 1e999, "nan"
+            raise ConfigError(f"{key} = {value!r}: must be a finite number")
+        return number
     if inner is str:
         if isinstance(value, str):
             return value
@@ -230,62 +242,137 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key} = {value!r}: {allowed}")
 
 
+class Limit(typing.NamedTuple):
+    """The range of one numeric key: [lo, hi], ends open when lo_open / hi_open; `hint` says why."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: Optional[str] = None
+
+
+_STEPS = 10**12  # a bound on step counts no run reaches, far below int64 overflow
+# NOTE: every int and float key has its range here (validate() refuses a numeric key without one,
+# so a new key cannot slip through unchecked); floats must also be finite (_coerce). The limits
+# that depend on another key (top_k ≤ n_experts, ...) are checked in validate().
+LIMITS: dict[str, Limit] = {
+    "model.vocab_size": Limit(2, 2**32, hint="token files hold uint16 or uint32 ids; null = from the data folder"),
+    "data.vocab_size": Limit(257, 2**32, hint="the 256 bytes + end-of-text at least; null = prepare's default"),
+    "model.d_model": Limit(1, 2**17),
+    "model.n_layers": Limit(1, 4096),
+    "model.n_heads": Limit(1, 2**17),
+    "model.seq_len": Limit(1, 2**24),
+    "model.ffn_hidden": Limit(1, 2**20),
+    "model.rope_theta": Limit(0, 1e12, lo_open=True),
+    "model.norm_eps": Limit(0, 1, lo_open=True),
+    "model.init_std": Limit(0, 10, lo_open=True),
+    "model.moe.n_experts": Limit(1, 2**16),
+    "model.moe.top_k": Limit(1, 2**16),
+    "model.moe.every": Limit(1, 4096),
+    "model.moe.n_shared_experts": Limit(0, 2**16),
+    "model.moe.capacity_factor": Limit(0, 2**16, lo_open=True, hint="or null for dropless routing"),
+    "model.moe.balance_coef": Limit(0, 1000),
+    "model.moe.z_loss_coef": Limit(0, 1000),
+    "model.moe.bias_update_rate": Limit(0, 1),
+    "train.batch_size": Limit(1, 2**24),
+    "train.grad_accum": Limit(1, 2**24),
+    "train.lr": Limit(0, 10, lo_open=True, hint="the peak learning rate must be positive; AdamW rates are ~1e-4 to 1e-2"),
+    "train.min_lr_ratio": Limit(0, 1),
+    "train.warmup_steps": Limit(0, _STEPS),
+    "train.max_steps": Limit(1, _STEPS),
+    "train.weight_decay": Limit(0, 100),
+    "train.beta1": Limit(0, 1, hi_open=True),
+    "train.beta2": Limit(0, 1, hi_open=True),
+    "train.grad_clip": Limit(0, 1e12, hint="0 = no clipping"),
+    "train.log_every": Limit(1, _STEPS),
+    "train.eval_every": Limit(1, _STEPS),
+    "train.eval_batches": Limit(1, 2**20),
+    "train.checkpoint_every": Limit(1, _STEPS),
+    "train.keep_checkpoints": Limit(1, 10**6),
+    "train.seed": Limit(0, SEED_MAX, hint="torch takes 64-bit seeds"),
+}
+
+
+def numeric_leaves(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, type]]:
+    """{dotted key: (value, int or float)} of every numeric leaf of a config (sections that are null skipped)."""
+    out: dict[str, tuple[Any, type]] = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        inner = _is_optional(hints[f.name])[1]
+        if dataclasses.is_dataclass(inner):
+            if value is not None:
+                out.update(numeric_leaves(value, key + "."))
+        elif inner in (int, float):
+            out[key] = (value, inner)
+    return out
+
+
 def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     _check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "must be a non-empty name without '/'")
-    _check(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "must be ≥ 2 or null")
-    _check(cfg.data.vocab_size is None or 257 <= cfg.data.vocab_size <= 2**32, "data.vocab_size", cfg.data.vocab_size,
-           "must be between 257 (the 256 bytes + end-of-text) and 2^32, or null")
-    for key in ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden"):
-        v = getattr(m, key)
-        _check(v >= 1, f"model.{key}", v, "must be ≥ 1")
+    # 1. every number on its own: finite, an integer where one is expected, in its range
+    for key, (value, kind) in numeric_leaves(cfg).items():
+        if value is None:
+            continue
+        if key not in LIMITS:
+            raise AssertionError(f"config key {key} has no range in config.LIMITS")  # a bug in this file
+        lim = LIMITS[key]
+        checks.number(key, value, lim.lo, lim.hi, lo_open=lim.lo_open, hi_open=lim.hi_open, integer=kind is int,
+                      hint=lim.hint)
+    # 2. the values that depend on each other
     _check(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
            f"must be divisible by model.n_heads ({m.n_heads})")
     _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads,
            "must leave an even head size d_model / n_heads (rotary embeddings rotate pairs)")
     _check(m.activation in ACTIVATIONS, "model.activation", m.activation, f"allowed: {' | '.join(ACTIVATIONS)}")
-    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
-    _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
-    _check(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     if m.moe is not None:
         e = m.moe
         _check(e.router in ROUTERS, "model.moe.router", e.router, f"allowed: {' | '.join(ROUTERS)}")
-        _check(e.n_experts >= 1, "model.moe.n_experts", e.n_experts, "must be ≥ 1")
         _check(1 <= e.top_k <= e.n_experts, "model.moe.top_k", e.top_k,
                f"must be between 1 and model.moe.n_experts ({e.n_experts})")
         _check(e.router != "switch" or e.top_k == 1, "model.moe.top_k", e.top_k,
                "the switch router sends each token to exactly 1 expert: set top_k=1")
         _check(1 <= e.every <= m.n_layers, "model.moe.every", e.every,
                f"must be between 1 and model.n_layers ({m.n_layers})")
-        _check(e.n_shared_experts >= 0, "model.moe.n_shared_experts", e.n_shared_experts, "must be ≥ 0")
-        _check(e.capacity_factor is None or e.capacity_factor > 0, "model.moe.capacity_factor",
-               e.capacity_factor, "must be > 0, or null for dropless routing")
+        _check(e.capacity_factor is None or e.capacity_factor <= e.n_experts, "model.moe.capacity_factor",
+               e.capacity_factor, f"must be at most model.moe.n_experts ({e.n_experts}): at that factor an expert may "
+               "already take every token of the batch (null = dropless routing)")
         _check(e.router != "expert_choice" or e.capacity_factor is not None, "model.moe.capacity_factor",
                e.capacity_factor, "expert_choice needs a capacity factor (each expert takes T·cf/E tokens), e.g. 2.0")
         _check(e.balance_loss in BALANCE_LOSSES, "model.moe.balance_loss", e.balance_loss,
                f"allowed: {' | '.join(BALANCE_LOSSES)}")
         _check(e.balance_loss != "shazeer" or e.router == "noisy_topk", "model.moe.balance_loss",
                e.balance_loss, "the shazeer load estimator needs the noisy_topk router")
-        _check(e.balance_coef >= 0, "model.moe.balance_coef", e.balance_coef, "must be ≥ 0")
-        _check(e.z_loss_coef >= 0, "model.moe.z_loss_coef", e.z_loss_coef, "must be ≥ 0")
-        _check(e.bias_update_rate >= 0, "model.moe.bias_update_rate", e.bias_update_rate, "must be ≥ 0")
-    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be ≥ 1")
-    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be ≥ 1")
     _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
            f"must divide train.batch_size ({t.batch_size})")
-    _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be a positive number")
-    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be between 0 and 1")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be ≥ 0")
-    _check(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be ≥ 1")
-    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be ≥ 0")
-    _check(0 <= t.beta1 < 1, "train.beta1", t.beta1, "must be in [0, 1)")
-    _check(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
-    _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be ≥ 0 (0 = no clipping)")
-    for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
-        v = getattr(t, key)
-        _check(v >= 1, f"train.{key}", v, "must be ≥ 1")
     _check(t.device in DEVICES, "train.device", t.device, f"allowed: {' | '.join(DEVICES)}")
     _check(t.dtype in DTYPES, "train.dtype", t.dtype, f"allowed: {' | '.join(DTYPES)}")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not meant, one line each (train and info print them).
+
+    Warned, not refused: train.warmup_steps ≥ train.max_steps, where the learning rate never
+    reaches train.lr (or reaches it only at the last step) and never decays. Short smoke runs of a
+    shipped config (train.max_steps=4 with its 20 warmup steps) are legitimate, and a run whose
+    max_steps is raised on --resume gets its full schedule, so refusing would be wrong.
+
+    Allowed silently, on purpose: train.eval_every, train.checkpoint_every and train.log_every
+    larger than train.max_steps - the trainer always logs, evaluates and checkpoints at the last
+    step, so a value past the end only means "at the end".
+    """
+    t = cfg.train
+    out = []
+    if t.warmup_steps > t.max_steps:
+        out.append(f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): the learning rate "
+                   f"only climbs to {t.max_steps}/{t.warmup_steps} of train.lr and never decays (set "
+                   f"train.warmup_steps ≤ {t.max_steps}, e.g. {max(0, t.max_steps // 10)})")
+    elif t.warmup_steps == t.max_steps and t.max_steps > 1:
+        out.append(f"train.warmup_steps = train.max_steps ({t.max_steps}): the learning rate reaches train.lr at "
+                   f"the last step and never decays (e.g. train.warmup_steps={max(0, t.max_steps // 10)})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +384,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a file", "pass a YAML file, e.g. configs/tiny-moe.yaml")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}", "see configs/ for the shipped configs")
         try:

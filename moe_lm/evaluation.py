@@ -372,7 +372,7 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
     html_path = check_html_path(html) if html not in (None, False, True) else None
     if text is not None and not text.strip():
         raise DataError("the text to show is empty", "pass a file with some text in it with --text, or --prompt TEXT")
-    dev, amp_dtype = resolve_device(device, "auto")
+    dev, amp_dtype = resolve_device(device, "auto", "--device")
     loaded = load_model(path, device=dev)
     cfg = loaded.cfg
     data_dir = Path(data_dir) if data_dir is not None else Path(cfg.data.dir)

@@ -9,9 +9,12 @@ The folder loads offline with `AutoModelForCausalLM.from_pretrained(DIR)` and
     config.json              the architecture and its hyper-parameters
     model.safetensors        float32 weights, experts stored one per module (the on-disk layout
                              that transformers 5.x fuses into (E, 2h, d) / (E, d, h) when loading)
-    generation_config.json   eos = pad = <|endoftext|>
-    tokenizer.json           the run's byte-level BPE, byte for byte
-    tokenizer_config.json    PreTrainedTokenizerFast, eos <|endoftext|>, no added prefix space
+    generation_config.json   bos = eos = pad = <|endoftext|>
+    tokenizer.json           the run's byte-level BPE, plus a post-processor that puts <|endoftext|>
+                             before the text: `moe-lm generate`'s prompt convention (the document
+                             start seen in training), so AutoTokenizer(prompt) + model.generate gives
+                             the tokens `moe-lm generate --temperature 0` gives
+    tokenizer_config.json    PreTrainedTokenizerFast, bos = eos <|endoftext|>, no added prefix space
     moe_lm.json              the resolved moe-lm config, the step and the files' sha256, so that
                              `moe-lm eval DIR` and `generate DIR` read the export back exactly
 
@@ -215,9 +218,26 @@ def load_hf_state_dict(model, tensors: dict[str, torch.Tensor], target: HFTarget
 
 
 def _tokenizer_config(seq_len: int) -> dict:
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "pad_token": EOT, "bos_token": None,
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "pad_token": EOT, "bos_token": EOT,
             "unk_token": None, "model_max_length": seq_len, "add_prefix_space": False,
             "clean_up_tokenization_spaces": False}
+
+
+def write_hf_tokenizer(tokenizer_path: Path, out: Path) -> int:
+    """The run's tokenizer.json, with a post-processor that puts <|endoftext|> before every text
+    (`moe-lm generate`'s prompt convention: the document start the model saw in training), so that
+    `AutoTokenizer(prompt)` gives the ids `moe-lm generate` feeds the model. Vocabulary, merges,
+    pre-tokenizer and decoder are the run's, unchanged. Returns the end-of-text id."""
+    from tokenizers import Tokenizer, processors
+
+    from .data.tokenizer import load_tokenizer
+
+    eot = load_tokenizer(tokenizer_path).token_to_id(EOT)  # checks it (DataError when damaged)
+    tok = Tokenizer.from_file(str(tokenizer_path))  # as stored: load_tokenizer's runtime settings left out
+    bos = processors.TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B:1", special_tokens=[(EOT, eot)])
+    tok.post_processor = bos if tok.post_processor is None else processors.Sequence([tok.post_processor, bos])
+    tok.save(str(out))
+    return eot
 
 
 def _sha256(path: Path) -> str:
@@ -249,8 +269,9 @@ def export_hf(path: Path | str, out_dir: Path | str, overwrite: bool = False) ->
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"--out {out_dir} is a file", "pass a folder path")
+    from .checks import out_folder
+
+    out_folder("--out", out_dir)  # not a file, nor under one
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"--out {out_dir} exists and is not empty", "pass --overwrite to replace it")
 
@@ -269,7 +290,7 @@ def write_hf_folder(model, cfg: Config, tokenizer_path: Path, out_dir: Path | st
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
     target = hf_target(cfg.model)
-    eot = load_tokenizer(tokenizer_path).token_to_id(EOT)
+    load_tokenizer(tokenizer_path)  # a damaged tokenizer is refused before anything is written
     tensors = hf_state_dict(model, target)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -277,12 +298,12 @@ def write_hf_folder(model, cfg: Config, tokenizer_path: Path, out_dir: Path | st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        eot = write_hf_tokenizer(tokenizer_path, tmp / "tokenizer.json")
         config = dict(target.config, architectures=[target.architecture], model_type=target.model_type,
-                      bos_token_id=None, eos_token_id=eot, pad_token_id=None)
+                      bos_token_id=eot, eos_token_id=eot, pad_token_id=None)
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", {"eos_token_id": eot, "pad_token_id": eot})
+        _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(cfg.model.seq_len))
         _write_json(tmp / META, {
             "format": FORMAT, "architecture": target.architecture, "step": step, "exported_from": str(source),

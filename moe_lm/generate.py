@@ -43,14 +43,14 @@ class GenerationStats:
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float], max_new_tokens: int) -> None:
-    if not temperature >= 0:
-        raise ConfigError(f"--temperature {temperature}: must be ≥ 0", "0 = greedy, 1 = the model's distribution")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"--top-k {top_k}: must be ≥ 1", "leave it out to keep every token")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p {top_p}: must be in (0, 1]", "e.g. 0.9; leave it out to keep every token")
-    if max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be ≥ 0")
+    """ConfigError unless every sampling option is a finite number in its range (the CLI calls it
+    before loading the model)."""
+    from . import checks
+
+    checks.option_number("--temperature", temperature, 0, hint="0 = greedy, 1 = the model's distribution")
+    checks.option_number("--top-k", top_k, 1, integer=True, hint="leave it out to keep every token")
+    checks.option_number("--top-p", top_p, 0, 1, lo_open=True, hint="e.g. 0.9; leave it out to keep every token")
+    checks.option_number("--max-new-tokens", max_new_tokens, 0, integer=True)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -37,16 +37,28 @@ class Loaded:
     tokenizer_path: Path
 
     def tokenizer(self):
-        from tokenizers import Tokenizer
+        """The checkpoint's (or export's) tokenizer; CheckpointError when its tokenizer.json is damaged."""
+        from .data.tokenizer import load_tokenizer
 
-        return Tokenizer.from_file(str(self.tokenizer_path))
+        try:
+            return load_tokenizer(self.tokenizer_path)
+        except DataError as exc:
+            raise CheckpointError(exc.message,
+                                  "use another checkpoint of the run, or retrain from data prepared again") from exc
 
 
 def load_model(path: Path | str, device: str | torch.device = "cpu") -> Loaded:
     """A run folder (its latest checkpoint) or a checkpoint folder -> Loaded (model in eval mode)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist", "pass a run folder (runs/<name>) or a checkpoint folder")
+        from .checks import blocking_file
+
+        blocker = blocking_file(path)
+        what = f"{path}: {blocker} is a file, not a folder" if blocker is not None else f"{path} does not exist"
+        raise CheckpointError(what, "pass a run folder (runs/<name>) or a checkpoint folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a run, checkpoint or export folder",
+                              "pass a run folder (runs/<name>), a checkpoint folder or a `moe-lm export` folder")
     if (path / "config.json").is_file() and not (path / "state.json").is_file():  # a `moe-lm export` folder
         from .export import load_hf_folder
         return load_hf_folder(path, device)
@@ -90,12 +102,28 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """The same tokenizer.json, or the same but for the post-processor (an export adds one that
+    puts <|endoftext|> first; it changes no id of any text)."""
+    import json
+
+    if file_digest(a) == file_digest(b):
+        return True
+    try:
+        ja, jb = (json.loads(Path(p).read_text(encoding="utf-8")) for p in (a, b))
+    except (OSError, ValueError):
+        return False
+    for j in (ja, jb):
+        j.pop("post_processor", None)
+    return ja == jb
+
+
 def check_same_tokenizer(loaded: Loaded, data_dir: Path) -> None:
     """The data folder must be tokenised with the checkpoint's tokenizer (same ids for the same text)."""
     from .data.shards import TokenData
 
     data = TokenData.open(data_dir)
-    if data.vocab_size != loaded.cfg.model.vocab_size or file_digest(data.tokenizer_path) != file_digest(loaded.tokenizer_path):
+    if data.vocab_size != loaded.cfg.model.vocab_size or not same_tokenizer(data.tokenizer_path, loaded.tokenizer_path):
         raise DataError(
             f"{data_dir} was tokenised with another tokenizer ({data.vocab_size} tokens) than the model in "
             f"{loaded.checkpoint} ({loaded.cfg.model.vocab_size} tokens)",

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +31,9 @@ VARIANTS = [
     ["model.moe.router=expert_choice", "model.moe.capacity_factor=2.0", "model.activation=gelu"],
     ["model.moe.router=sigmoid_bias", "model.moe.n_experts=16", "model.moe.top_k=6", "model.moe.n_shared_experts=1"],
 ]
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_of(name="tiny-moe", extra=()):
@@ -119,9 +125,6 @@ def test_info_renders_total_active_twin_and_memory(tmp_path):
 
 
 def test_info_takes_the_vocabulary_from_the_data_folder_or_says_how_to_get_it(tmp_path):
-    cfg = load_config(None, [f"data.dir={tmp_path / 'nowhere'}"])
-    with pytest.raises(ConfigError, match="vocab"):
-        render_info(cfg, vocab_size=None, console=Console(file=io.StringIO()))
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "meta.json").write_text(json.dumps({"vocab_size": 321}))
     buf = io.StringIO()
@@ -130,3 +133,30 @@ def test_info_takes_the_vocabulary_from_the_data_folder_or_says_how_to_get_it(tm
     buf = io.StringIO()
     render_info(load_config(None, [f"data.dir={tmp_path / 'nowhere'}"]), vocab_size=500, console=Console(file=buf, width=200))
     assert "vocab 500" in buf.getvalue()
+
+
+def test_info_works_before_prepare_and_says_which_vocabulary_it_used(tmp_path):
+    # a newcomer's first look at a shipped config, before any `moe-lm prepare`
+    proc = subprocess.run([sys.executable, "-m", "moe_lm", "info", "-c", str(ROOT / "configs" / "tiny-moe.yaml"),
+                           f"data.dir={tmp_path / 'not-prepared'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "vocab 8192" in proc.stdout  # prepare's default vocabulary (8192 in `moe-lm prepare --help`)
+    assert "vocabulary: 8,192 tokens, from the default of `moe-lm prepare`" in proc.stdout
+    # the parameter count is the model's with that vocabulary
+    from moe_lm.model.transformer import Transformer
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=8192"])
+    n = sum(p.numel() for p in Transformer(cfg.model).parameters())
+    assert f"{n / 1e6:.2f}M" in proc.stdout
+    buf = io.StringIO()
+    render_info(load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=1000", f"data.dir={tmp_path}"]),
+                console=Console(file=buf, width=200))
+    assert "vocabulary: 1,000 tokens, from model.vocab_size" in buf.getvalue()
+
+
+def test_info_warns_about_a_warmup_longer_than_the_run():
+    buf = io.StringIO()
+    render_info(load_config(ROOT / "configs" / "tiny-moe.yaml", ["train.max_steps=4", "model.vocab_size=512"]),
+                console=Console(file=buf, width=300))
+    assert "warning: train.warmup_steps (20) > train.max_steps (4)" in buf.getvalue()

@@ -72,11 +72,26 @@ def test_the_verdict_claims_a_win_only_when_every_moe_seed_is_below_every_dense_
     assert text.startswith("MoE is 9.0% lower in perplexity at equal training FLOPs (3 seeds; every MoE seed below every dense seed)")
     text, pct, win = verdict([90.0, 99.5, 92.0], [100.0, 101.0, 99.0])  # overlapping seeds
     assert not win and "within the spread" in text
-    text, _, win = verdict([110.0, 111.0], [100.0, 101.0])
+    text, _, win = verdict([110.0, 111.0, 112.0], [100.0, 101.0, 102.0])
     assert not win and "dense twin is" in text and "does not pay" in text
     for moe, dense in (([90.0], [100.0]), ([100.4], [100.0])):  # one seed has no spread: no claim either way
         text, _, win = verdict(moe, dense)
         assert not win and "1 seed: no spread" in text and "every" not in text
+
+
+def test_with_two_seeds_the_verdict_never_claims_a_win():
+    # two hand-made outcomes in which every seed of one model is below every seed of the other: with
+    # no real difference each of the C(4, 2) = 6 orderings of four perplexities is equally likely,
+    # so this happens by chance 1 time in 6 for either side - not evidence of a winner
+    for moe, dense, lower in (([90.0, 91.0], [100.0, 101.0], "MoE"), ([110.0, 111.0], [100.0, 101.0], "the dense twin")):
+        text, pct, win = verdict(moe, dense)
+        assert win is False
+        assert pct == pytest.approx(100 * (sum(moe) / 2 - sum(dense) / 2) / (sum(dense) / 2))
+        assert text.startswith(f"{lower} is ")
+        assert "1 time in 6" in text and "--seeds 3" in text
+        assert "does not pay" not in text  # no claim for the dense side either
+    # three seeds each: 1 time in 20 by chance, and the verdict may speak
+    assert verdict([90.0, 91.0, 92.0], [100.0, 101.0, 102.0])[2] is True
 
 
 def test_an_interrupted_compare_resumes_and_a_finished_one_is_reused(tiny_data_dir, tmp_path):

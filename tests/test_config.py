@@ -96,3 +96,74 @@ def test_a_config_error_on_the_command_line_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.moe.top_k = 0" in lines[0]
+
+
+def _numeric_keys(cls=Config, prefix=""):
+    """(dotted key, int | float) of every numeric key, walked from the dataclasses here."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        inner = args[0]
+        if dataclasses.is_dataclass(inner):
+            yield from _numeric_keys(inner, f"{prefix}{f.name}.")
+        elif inner in (int, float):
+            yield f"{prefix}{f.name}", inner
+
+
+NUMERIC = list(_numeric_keys())
+FLOATS = [k for k, t in NUMERIC if t is float]
+INTS = [k for k, t in NUMERIC if t is int]
+
+
+def test_the_walk_finds_the_numeric_keys():
+    assert {"train.lr", "model.moe.capacity_factor", "model.rope_theta", "model.moe.balance_coef"} <= set(FLOATS)
+    assert {"train.seed", "train.max_steps", "model.vocab_size", "model.d_model"} <= set(INTS)
+
+
+@pytest.mark.parametrize("key", FLOATS)
+@pytest.mark.parametrize("raw", [".inf", "-.inf", ".nan", "nan", "inf", "1e999", "1e300", "-1e300"])
+def test_every_float_key_refuses_non_finite_and_absurd_values_naming_the_key(key, raw):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY_MOE, [f"{key}={raw}"])
+    assert str(err.value).startswith(f"{key} = "), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", INTS)
+@pytest.mark.parametrize("value", [2**70, -(2**70), 1180591620717411303424])
+def test_every_integer_key_refuses_values_out_of_its_range_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY_MOE, [f"{key}={value}"])
+    assert str(err.value).startswith(f"{key} = {value}: must be an integer between"), str(err.value)
+
+
+def test_non_finite_values_in_a_yaml_file_are_refused_naming_the_key(tmp_path):
+    for text, key in (("train:\n  lr: .nan\n", "train.lr"), ("model:\n  moe:\n    capacity_factor: .inf\n",
+                                                               "model.moe.capacity_factor"),
+                      ("train:\n  grad_clip: -.inf\n", "train.grad_clip")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"^{key} = .*must be a finite number"):
+            load_config(path)
+
+
+def test_the_seed_takes_every_value_torch_and_numpy_accept():
+    import numpy as np
+    import torch
+
+    top = 2**63 - 1
+    assert load_config(TINY_MOE, [f"train.seed={top}"]).train.seed == top
+    torch.manual_seed(top)  # the reference: both libraries take it
+    np.random.default_rng([top % 2**64, 0])
+    with pytest.raises(ConfigError, match="train.seed = -1"):
+        load_config(TINY_MOE, ["train.seed=-1"])
+
+
+def test_a_capacity_factor_above_the_number_of_experts_is_refused():
+    assert load_config(TINY_MOE, ["model.moe.capacity_factor=8"]).model.moe.capacity_factor == 8.0
+    with pytest.raises(ConfigError, match=r"model.moe.capacity_factor = 8.5: must be at most model.moe.n_experts \(8\)"):
+        load_config(TINY_MOE, ["model.moe.capacity_factor=8.5"])

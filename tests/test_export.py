@@ -115,13 +115,46 @@ def test_autotokenizer_reads_the_same_tokenizer_and_end_of_text(exports, tiny_da
 
     tok = transformers.AutoTokenizer.from_pretrained(exports["mixtral"], local_files_only=True)
     ours = load_tokenizer(tiny_data_dir / "tokenizer.json")
+    eot = ours.token_to_id(EOT)
     text = "def f(x):\n    return x  # naïve ✓ 日本\n\n\tend"
     ids = tok(text)["input_ids"]
-    assert ids == ours.encode(text, add_special_tokens=False).ids
-    assert tok.decode(ids) == text
-    assert tok.eos_token == EOT and tok.eos_token_id == ours.token_to_id(EOT)
+    # the data folder's ids of the text, after the document start (<|endoftext|>) moe-lm generate puts first
+    assert ids == [eot] + ours.encode(text, add_special_tokens=False).ids
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids[1:]
+    assert tok.decode(ids[1:]) == text and tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.eos_token == tok.bos_token == EOT and tok.eos_token_id == tok.bos_token_id == eot
     gen = json.loads((exports["mixtral"] / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == ours.token_to_id(EOT)
+    config = json.loads((exports["mixtral"] / "config.json").read_text())
+    assert gen["eos_token_id"] == gen["bos_token_id"] == config["bos_token_id"] == config["eos_token_id"] == eot
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_plain_transformers_calls_give_what_moe_lm_generate_gives(name, exports, tiny_data_dir, monkeypatch, capsys):
+    """The calls a user writes from docs/EXPORT.md, with nothing added by hand, against
+    `moe-lm generate --temperature 0` on the same export: the same tokens and the same text."""
+    from moe_lm.cli import run
+    from moe_lm.data.tokenizer import EOT, load_tokenizer
+
+    folder, prompt, n = exports[name], "def main(", 24
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    inputs = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=n)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    text = tok.decode(new, skip_special_tokens=True)
+
+    monkeypatch.setattr(sys, "argv", ["moe-lm", "generate", str(folder), "-p", prompt, "-t", "0", "-n", str(n),
+                                      "--device", "cpu"])
+    run()
+    assert capsys.readouterr().out == prompt + text + "\n"
+
+    # and token for token: the ids moe-lm feeds its model are <|endoftext|> + the prompt's
+    data_tok = load_tokenizer(tiny_data_dir / "tokenizer.json")
+    eot = data_tok.token_to_id(EOT)
+    assert inputs["input_ids"][0].tolist() == [eot] + data_tok.encode(prompt, add_special_tokens=False).ids
+    ours = list(generate_ids(load_model(folder).model, inputs["input_ids"][0].tolist(), n, temperature=0, eot_id=eot))
+    assert new == ours + ([eot] if len(ours) < n else [])  # transformers keeps the end-of-text it stopped at
 
 
 def test_load_model_reads_an_export_back_to_the_same_function(exports, tiny_data_dir):
@@ -132,7 +165,21 @@ def test_load_model_reads_an_export_back_to_the_same_function(exports, tiny_data
         idx = val_batch(tiny_data_dir)
         with torch.no_grad():
             assert torch.equal(back.model(idx).logits, src.model(idx).logits), name
-        assert back.tokenizer_path.read_bytes() == src.tokenizer_path.read_bytes()
+        text = "class A:\n    pass  # ✓"
+        assert back.tokenizer().encode(text, add_special_tokens=False).ids == \
+            src.tokenizer().encode(text, add_special_tokens=False).ids
+
+
+def test_eval_of_an_export_accepts_the_data_it_was_trained_on(exports, tiny_data_dir):
+    # the export's tokenizer.json differs from the data folder's only by the post-processor that puts
+    # <|endoftext|> first: the same ids for every text, so eval takes the data folder
+    from moe_lm.evaluation import run_eval
+
+    folder = exports["mixtral"]
+    ours, _ = run_eval(folder, split="val", n_batches=1, data_dir=tiny_data_dir, device="cpu", write=False)
+    src, _ = run_eval(Path(json.loads((folder / "moe_lm.json").read_text())["exported_from"]), split="val",
+                      n_batches=1, data_dir=tiny_data_dir, device="cpu", write=False)
+    assert ours.loss == src.loss and ours.n_tokens == src.n_tokens > 0
 
 
 def test_a_changed_export_is_a_checkpoint_error_not_a_wrong_model(exports, tmp_path):

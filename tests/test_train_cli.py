@@ -134,3 +134,67 @@ def test_missing_data_folder_is_one_line_exit_2(tmp_path):
     assert_one_line_error(proc, "nope")
     assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.moe.capacity_factor=.inf", "model.moe.capacity_factor"),
+    ("model.moe.capacity_factor=1e300", "model.moe.capacity_factor"),
+    ("train.seed=1180591620717411303424", "train.seed"),
+    ("train.lr=nan", "train.lr"),
+    ("model.moe.balance_coef=.inf", "model.moe.balance_coef"),
+])
+def test_an_absurd_number_is_one_line_exit_2_before_the_run_folder_exists(override, key, tiny_data_dir, tmp_path):
+    proc = moe_lm_train("--config", str(TINY_MOE), "--out", str(tmp_path / "run"), *tiny(tiny_data_dir, override),
+                        cwd=tmp_path)
+    assert_one_line_error(proc, f"{key} = ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_warned_and_recorded(finished_run):
+    # finished_run: tiny-moe's 20 warmup steps with train.max_steps=4 - valid (a smoke run), but the
+    # learning rate never reaches train.lr: warned (config.config_warnings), not refused
+    events = [r for r in read_metrics(finished_run / "metrics.jsonl") if r.get("event") == "config_warning"]
+    assert len(events) == 1 and events[0]["step"] == 0
+    assert events[0]["message"].startswith("train.warmup_steps (20) > train.max_steps (4)")
+
+
+def _damaged_copy(tiny_data_dir: Path, tmp_path: Path, how: str) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    tok = data / "tokenizer.json"
+    raw = bytearray(tok.read_bytes())
+    if how == "first-bytes":  # the case: the first bytes overwritten, size unchanged
+        raw[:16] = b"\x00" * 16
+    else:  # still valid JSON, one merge changed: only the checksum tells
+        i = raw.index(b'"merges"') + 40
+        raw[i] = ord("a") if raw[i] != ord("a") else ord("b")
+    tok.write_bytes(bytes(raw))
+    return data
+
+
+@pytest.mark.parametrize("how", ["first-bytes", "valid-json"])
+def test_a_damaged_tokenizer_is_refused_when_the_data_is_opened(how, tiny_data_dir, tmp_path):
+    data = _damaged_copy(tiny_data_dir, tmp_path, how)
+    proc = moe_lm_train("--config", str(TINY_MOE), "--out", str(tmp_path / "run"), *tiny(data), cwd=tmp_path)
+    assert_one_line_error(proc, str(data / "tokenizer.json"), "moe-lm prepare")
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing copied into a checkpoint
+
+
+def test_eval_on_a_data_folder_with_a_damaged_tokenizer_is_one_line(finished_run, tiny_data_dir, tmp_path):
+    data = _damaged_copy(tiny_data_dir, tmp_path, "first-bytes")
+    proc = subprocess.run([sys.executable, "-m", "moe_lm", "eval", str(finished_run), "--data", str(data),
+                           "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, str(data / "tokenizer.json"), "moe-lm prepare")
+
+
+def test_a_checkpoint_whose_tokenizer_copy_is_damaged_is_a_checkpoint_error(finished_run, tmp_path):
+    # a checkpoint written before the data folder's tokenizer was checked carries the damaged copy
+    from moe_lm.errors import CheckpointError
+    from moe_lm.loading import load_model
+
+    loaded = load_model(finished_run)
+    bad = tmp_path / "tokenizer.json"
+    bad.write_bytes(b"\x00" * 16 + loaded.tokenizer_path.read_bytes()[16:])
+    loaded.tokenizer_path = bad
+    with pytest.raises(CheckpointError, match=str(bad)):
+        loaded.tokenizer()

@@ -38,6 +38,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from .. import __version__
+from .. import checks
 from ..errors import DataError
 from . import sources as src
 from .shards import DOMAIN_DTYPE, META, TOKENIZER, ShardWriter, token_dtype
@@ -138,11 +139,10 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
     t_start = time.perf_counter()
     _check_options(opts)
     out = _output_dir(opts)
+    checks.out_folder("--out" if opts.out is not None else "output path", out, "pass another --name or --out")
     if out.exists() and not opts.overwrite:
         raise DataError(f"output folder {out} already exists",
                         "pass --overwrite to replace it, or --name / --out to write elsewhere")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output path {out} is a file, not a folder", "pass another --name or --out")
     tok = load_tokenizer(opts.tokenizer) if opts.tokenizer is not None else None
     if tok is not None and opts.vocab_size is not None and opts.vocab_size != tok.get_vocab_size():
         raise DataError(f"--vocab-size {opts.vocab_size} does not match tokenizer {opts.tokenizer}, "

@@ -123,6 +123,7 @@ class TokenData:
             if nbytes != info["tokens"] * itemsize:
                 raise DataError(f"{data_dir / info['file']}: {nbytes} bytes is not {info['tokens']} {dtype} tokens",
                                 PREPARE_HINT)
+        _check_tokenizer(data_dir / meta.get("tokenizer_file", TOKENIZER), meta)
         return cls(data_dir, meta)
 
     @property
@@ -165,6 +166,28 @@ class TokenData:
         for fname, info in self.meta["files"].items():
             if sha256_file(self.dir / fname) != info["sha256"]:
                 raise DataError(f"{self.dir / fname} does not match the sha256 in meta.json", PREPARE_HINT)
+
+
+def _check_tokenizer(path: Path, meta: dict) -> None:
+    """The tokenizer is small, so opening a data folder checks it whole: the sha256 meta.json
+    recorded, that it loads, and that its vocabulary and end-of-text id are the ones the token
+    files were written with. A damaged tokenizer.json would otherwise be copied into every
+    checkpoint and only fail (or silently mis-decode) at eval or generate time."""
+    from .tokenizer import load_tokenizer
+
+    if not path.is_file():
+        raise DataError(f"{path} is missing (meta.json lists it)", PREPARE_HINT)
+    want = (meta["files"].get(path.name) or {}).get("sha256")
+    if want is not None and sha256_file(path) != want:
+        raise DataError(f"{path} is damaged: its sha256 does not match meta.json (changed after prepare)", PREPARE_HINT)
+    try:
+        tok = load_tokenizer(path)
+    except DataError as exc:  # its message names the file and what is wrong with it
+        raise DataError(exc.message, PREPARE_HINT) from exc
+    if tok.get_vocab_size() != int(meta["vocab_size"]) or tok.token_to_id("<|endoftext|>") != int(meta["eot_id"]):
+        raise DataError(f"{path} has {tok.get_vocab_size()} tokens and end-of-text id "
+                        f"{tok.token_to_id('<|endoftext|>')}, but meta.json records {meta['vocab_size']} and "
+                        f"{meta['eot_id']}", PREPARE_HINT)
 
 
 def _memmap(path: Path, dtype: np.dtype, n: int) -> np.ndarray:

@@ -56,6 +56,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: Optional[int]
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer.json; DataError when it is missing, not a tokenizer, or has no EOT token."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"tokenizer {path} is a folder, not a tokenizer.json file",
+                        f"pass the file inside it, e.g. --tokenizer {path / 'tokenizer.json'}")
     if not path.is_file():
         raise DataError(f"tokenizer file not found: {path}",
                         "pass the tokenizer.json of a prepared folder, e.g. --tokenizer data/builtin/tokenizer.json")

@@ -22,7 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, config_warnings
 from ..errors import ConfigError
 
 
@@ -170,20 +170,26 @@ def training_memory(cfg: Config) -> dict:
             "tokens_per_micro_batch": tokens}
 
 
-def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> int:
-    """--vocab-size, else model.vocab_size, else the data folder's meta.json, else a ConfigError."""
+DEFAULT_VOCAB = 8192  # what `moe-lm prepare` trains when no --vocab-size is given (data.prepare.DEFAULT_VOCAB)
+
+
+def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> tuple[int, str]:
+    """(vocabulary size, where it came from): --vocab-size, else model.vocab_size, else the data
+    folder's meta.json, else DEFAULT_VOCAB - so `info` works on a config before `prepare` has run.
+    model.vocab_size comes before the data folder because it is the size the model is built
+    with (train refuses a data folder whose tokenizer differs)."""
     if vocab_size is not None:
-        return int(vocab_size)
+        return int(vocab_size), "--vocab-size"
     if cfg.model.vocab_size is not None:
-        return int(cfg.model.vocab_size)
+        return int(cfg.model.vocab_size), "model.vocab_size"
     meta = Path(cfg.data.dir) / "meta.json"
     if meta.is_file():
         try:
-            return int(json.loads(meta.read_text())["vocab_size"])
+            return int(json.loads(meta.read_text())["vocab_size"]), f"the tokenizer of {cfg.data.dir}"
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{meta} has no readable vocab_size", "re-run moe-lm prepare, or pass --vocab-size") from exc
-    raise ConfigError(f"the vocabulary size is unknown: {meta} does not exist",
-                      f"run `moe-lm prepare` for {cfg.data.dir}, or pass --vocab-size N (e.g. --vocab-size 8192)")
+    return DEFAULT_VOCAB, (f"the default of `moe-lm prepare`: {cfg.data.dir} is not prepared yet and model.vocab_size "
+                           "is null; pass --vocab-size N for another")
 
 
 def _fmt(n: float) -> str:
@@ -207,7 +213,7 @@ def render_info(cfg: Config, vocab_size: Optional[int] = None, console=None) -> 
 
     console = console or Console()
     cfg = copy.deepcopy(cfg)
-    cfg.model.vocab_size = resolve_vocab_size(cfg, vocab_size)
+    cfg.model.vocab_size, vocab_from = resolve_vocab_size(cfg, vocab_size)
     m = cfg.model
     rows = [("model", cfg)]
     if m.moe is not None:
@@ -226,6 +232,8 @@ def render_info(cfg: Config, vocab_size: Optional[int] = None, console=None) -> 
         table.add_row(label, width, _fmt(p["total"]), _fmt(p["active"]), _fmt(f["total"]), _fmt(f["router"]),
                       _fmt_bytes(mem["total"]))
     console.print(table)
+    console.print(f"vocabulary: {m.vocab_size:,} tokens, from {vocab_from}", markup=False, highlight=False,
+                  soft_wrap=True)
     mem = training_memory(cfg)
     console.print(f"memory: {_fmt_bytes(mem['states'])} weights+grads+AdamW (fp32), ~{_fmt_bytes(mem['activations'])} "
                   f"activations for {mem['tokens_per_micro_batch']:,} tokens per micro-batch (rough estimate)",
@@ -235,3 +243,5 @@ def render_info(cfg: Config, vocab_size: Optional[int] = None, console=None) -> 
                       f"z-loss coef {m.moe.z_loss_coef:g}, capacity "
                       f"{'dropless' if m.moe.capacity_factor is None else m.moe.capacity_factor}",
                       markup=False, highlight=False)
+    for warning in config_warnings(cfg):
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)

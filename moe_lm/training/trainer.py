@@ -39,8 +39,8 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from .. import distributed
-from ..config import Config, dump_yaml, validate
+from .. import checks, distributed
+from ..config import Config, config_warnings, dump_yaml, validate
 from ..errors import ConfigError, DataError, RunError, TrainingError
 from . import checkpoint as ckpt_io
 from .metrics import (CollapseAlarm, JsonlSink, LoadMeter, TensorBoardSink, TrainDisplay, eval_record,
@@ -119,11 +119,15 @@ def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, conso
     _check_parallel(cfg, ctx)
     if resume is not None and overwrite:
         raise RunError("--resume and --overwrite contradict each other", "pass one of them")
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
+    checks.out_folder("--out" if out_dir is not None else "the run folder", run_dir,
+                      "pass --out with a folder path" if out_dir is not None else "pass --out DIR or name=...")
+    if resume is not None and resume != "auto":
+        checks.in_folder("--resume", resume, "pass 'auto' or a checkpoint folder (runs/<name>/checkpoints/step-N)")
     data = _open_data(cfg)  # also sets model.vocab_size from the tokenizer when null
     device, amp_dtype = resolve_device(t.device, t.dtype)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
     start_ckpt, _ = _plan_resume(run_dir, resume, overwrite, cfg, data)
     if t.tensorboard and not tensorboard_available():
         raise ConfigError("train.tensorboard = true but the tensorboard package is not installed",
@@ -181,6 +185,9 @@ def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, conso
     end_step = t.max_steps if stop_after is None else min(t.max_steps, stop_after)
     console.print(_start_line(cfg, n_params, device, amp_dtype, run_dir, step, start_ckpt, ctx), markup=False,
                   highlight=False, soft_wrap=True)
+    for warning in config_warnings(cfg):  # valid but probably not meant (config.config_warnings)
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+        write(event_record(step=step, event="config_warning", message=warning))
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     meter, val_meter = LoadMeter(moe_layers, ctx), LoadMeter(moe_layers, ctx)
     last_ckpt: Optional[Path] = start_ckpt
@@ -340,6 +347,9 @@ def _open_data(cfg: Config):
     from ..data.shards import TokenData
 
     data_dir = Path(cfg.data.dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data.dir {data_dir} is a file, not a data folder",
+                        "set data.dir to a folder written by `moe-lm prepare`")
     if not data_dir.is_dir():
         how = (f"moe-lm prepare --out {data_dir} --vocab-size {cfg.data.vocab_size}" if cfg.data.vocab_size
                else "moe-lm prepare")
@@ -384,8 +394,11 @@ def _check_parallel(cfg: Config, ctx: distributed.Dist) -> None:
                           f"the number of processes ({n})", "change --nproc_per_node or model.moe.n_experts")
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, Optional[torch.dtype]]:
-    """-> (device, autocast dtype or None for plain float32)."""
+def resolve_device(device: str = "auto", dtype: str = "auto",
+                   name: str = "train.device") -> tuple[torch.device, Optional[torch.dtype]]:
+    """-> (device, autocast dtype or None for plain float32). `name`: the key or option the device
+    came from, for the error (checks.device: one of auto | cpu | cuda | mps, and present here)."""
+    checks.device(name, device)
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
@@ -393,10 +406,6 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
             device = "mps"
         else:
             device = "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device", "use train.device=auto or cpu")
-    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device = 'mps' but torch sees no MPS device", "use train.device=auto or cpu")
     dev = torch.device(device)
     if dtype == "auto":
         # NOTE: bf16 on a CPU without bf16 units is slower than fp32, so auto means fp32 there.
@@ -752,10 +761,12 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
     from ..model.accounting import dense_twin, flops_per_token
     from ..model.transformer import Transformer
 
+    for option, v, lo in (("--steps", steps, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
+        checks.option_number(option, v, lo, 10**6, integer=True)
     cfg = copy.deepcopy(cfg)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab_size or _data_vocab(cfg) or 8192
-    dev, amp_dtype = resolve_device(device or cfg.train.device, cfg.train.dtype)
+    dev, amp_dtype = resolve_device(device or cfg.train.device, cfg.train.dtype, "--device" if device else "train.device")
     amp = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     variants = {"moe": cfg, "dense": dense_twin(cfg)} if cfg.model.moe is not None else {"dense": cfg}
     t = cfg.train
