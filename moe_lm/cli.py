@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
+from . import __version__, signals
 from .errors import MoeLmError
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
@@ -53,6 +54,9 @@ def main(
       moe-lm compare-dense --config configs/tiny-moe.yaml --seeds 3
     """
     _state["debug"] = debug
+    # NOTE: SIGTERM (kill, docker stop, schedulers, torchrun) stops every command as Ctrl-C does:
+    # cleanups run, the trainer saves, the exit status is 128 + the signal (130 / 143)
+    ctx.call_on_close(signals.raise_on_stop_signals())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,11 +102,11 @@ def prepare(
         opts = for_config(opts, load_config(config))
     try:
         summary = prepare_corpus(opts, console=console)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # NOTE: prepare removed its temporary folder. SystemExit, because typer turns a
         # KeyboardInterrupt into a returned 130 that run() would drop (exit 0).
-        err_console.print("interrupted: nothing was written")
-        raise SystemExit(130) from None
+        err_console.print(f"interrupted ({signals.name(signals.signum_of(exc))}): nothing was written")
+        raise SystemExit(signals.exit_status(exc)) from None
     render_summary(summary, console=console)
 
 
@@ -130,15 +134,17 @@ def train(
     if print_config:
         console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
         return
-    from .training.trainer import train as run_training
+    from .training.trainer import TrainingInterrupted, train as run_training
 
     try:
         run_training(cfg, out_dir=out, resume=resume, overwrite=overwrite, console=console,
                      command_line=sys.argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # NOTE: the trainer saved a checkpoint and said how to resume. SystemExit, because typer
         # turns a KeyboardInterrupt into a *returned* 130 that run() would drop (exit 0).
-        raise SystemExit(130) from None
+        if not isinstance(exc, TrainingInterrupted):  # before the first step: nothing to save
+            err_console.print(f"interrupted ({signals.name(signals.signum_of(exc))}) before training started")
+        raise SystemExit(signals.exit_status(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,9 +221,10 @@ def compare_dense_cmd(
     try:  # NOTE: compare_dense checks every option before it trains anything
         report = compare_dense(cfg, seeds=seeds, with_dense_total=with_dense_total, out_dir=out, lr_sweep=lrs,
                                overwrite=overwrite, device=device, console=console, reuse_moe=reuse_moe)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: finished runs are kept; run the same command again to continue")
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        err_console.print(f"interrupted ({signals.name(signals.signum_of(exc))}): finished runs are kept; "
+                          "run the same command again to continue")
+        raise SystemExit(signals.exit_status(exc)) from None
     render_table(report, console)
 
 
@@ -445,16 +452,17 @@ def run() -> None:
     try:
         code = app(args=optional_html_value(sys.argv[1:]), standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
-            # NOTE: without standalone mode click *returns* the exit code of a Ctrl-C it caught
-            sys.exit(code)
+            # NOTE: without standalone mode click *returns* the exit code of a Ctrl-C it caught:
+            # 130, for SIGTERM too (the signals module knows which signal it was)
+            sys.exit(signals.exit_status() if code == 130 else code)
     except MoeLmError as exc:
         if _state["debug"]:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         err_console.print("interrupted")
-        sys.exit(130)
+        sys.exit(signals.exit_status(exc))
     except SystemExit:
         raise
     except click_error as exc:  # usage errors: standalone mode is off, so they come here to be shown
@@ -464,7 +472,7 @@ def run() -> None:
         sys.exit(exc.exit_code)
     except click_abort:
         err_console.print("aborted")
-        sys.exit(130)
+        sys.exit(signals.exit_status())
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if _state["debug"]:
             raise

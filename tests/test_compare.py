@@ -143,6 +143,41 @@ def test_an_interrupted_compare_resumes_and_a_finished_one_is_reused(tiny_data_d
         compare_dense(other, seeds=1, out_dir=out, console=quiet())
 
 
+def test_sigterm_stops_compare_dense_with_143_and_the_same_command_continues(tiny_data_dir, tmp_path):
+    # SIGTERM (kill, docker stop, a scheduler) stops it as Ctrl-C does: the run in training saves
+    # a checkpoint, the process exits 128 + 15, and running the command again resumes that run
+    import signal
+    import time
+
+    from moe_lm.training import checkpoint as ckpt_io
+
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "moe_lm", "compare-dense", "-c", str(ROOT / "configs" / "tiny-moe.yaml"),
+           "--seeds", "1", "--out", str(out), "--device", "cpu", *tiny(tiny_data_dir, "train.log_every=1")]
+    proc = subprocess.Popen([*cmd, "train.max_steps=100000"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "runs" / "moe-seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not any(r.get("kind") == "train" and r["step"] >= 3 for r in read_metrics(metrics)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted (SIGTERM)" in err and "run the same command again" in err and "Traceback" not in err
+    stopped_at = ckpt_io.read_state(ckpt_io.find_latest(out / "runs" / "moe-seed0"))["step"]
+    assert stopped_at >= 3
+
+    # the same command again (in process here), with a budget that ends soon
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.log_every=1",
+                                                              f"train.max_steps={stopped_at + 2}"))
+    compare_dense(cfg, seeds=1, out_dir=out, device="cpu", console=quiet())
+    records = read_metrics(metrics)
+    assert [r["event"] for r in records if r["kind"] == "event"].count("resume") == 1
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, stopped_at + 3))  # unbroken
+
+
 def test_cli_refuses_a_dense_config_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "moe_lm", "compare-dense", "-c", "configs/tiny-dense.yaml"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)

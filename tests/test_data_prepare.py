@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -286,6 +287,84 @@ def test_ctrl_c_leaves_no_partial_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()  # neither data/builtin nor data/.builtin.tmp-*
 
 
+def test_a_long_run_of_letters_is_cut_for_tokenizer_training_and_still_round_trips_exactly(tmp_path):
+    # one 200 KB "word" among ordinary documents: BPE training costs ~length^2 per merge for it
+    # (minutes at 1 MB). A repeated pattern also makes the untouched trainer learn tokens tens of
+    # thousands of characters long, which the cut must prevent.
+    long_doc = "before " + "abcdefgh" * 25_000 + " after\n"
+    docs = corpus(40) + [long_doc]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    s = prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "out", val_fraction=0.1, test_fraction=0)
+    back = decoded(tmp_path / "out")
+    assert long_doc in back["train"]  # by its hash (0.72 > val_fraction): the tokenizer trained on it
+    trained_on = s.meta["tokenizer"]["trained_on"]
+    assert trained_on["max_word_chars"] == 1000  # the documented default
+    assert trained_on["cut_words"] == 1
+    tok = TokenData.open(tmp_path / "out").tokenizer()
+    longest = max(len(tok.decode([i])) for i in range(tok.get_vocab_size()))
+    assert 100 < longest <= 1000 + 1  # pieces were learnt, none longer than the cap (+ a leading space)
+    # the corpus itself is encoded exactly, long word included
+    assert collections.Counter(sum(back.values(), [])) == collections.Counter(docs)
+    # and the summary says so
+    from moe_lm.data.prepare import render_summary
+
+    console = quiet()
+    render_summary(s, console)
+    assert "1 word(s) longer than 1,000 characters were cut" in console.file.getvalue()
+
+
+def test_the_word_cap_is_a_setting_and_cuts_every_long_run(tmp_path):
+    # letters, digits, punctuation and whitespace each form words of their own
+    runs = ["x" * 700, "7" * 650, "-" * 900, " " * 800, "\n" * 620]
+    docs = corpus(40) + [f"doc {i}: " + r + " end" for i, r in enumerate(runs)]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    s = prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "out", val_fraction=0.05, test_fraction=0,
+                max_word_chars=64)
+    back = decoded(tmp_path / "out")
+    assert collections.Counter(sum(back.values(), [])) == collections.Counter(docs)
+    assert all(d in back["train"] for d in docs[-len(runs):])  # by their hashes (all > 0.27)
+    # reference: every maximal run of whitespace / non-whitespace over 64 characters in the
+    # documents the tokenizer trained on
+    long_runs = sum(len(r) > 64 for d in back["train"] for r in re.findall(r"\S+|\s+", d))
+    assert long_runs >= len(runs) and s.meta["tokenizer"]["trained_on"]["cut_words"] == long_runs
+    tok = TokenData.open(tmp_path / "out").tokenizer()
+    assert max(len(tok.decode([i])) for i in range(tok.get_vocab_size())) <= 64 + 1
+
+
+def test_ctrl_c_acts_while_the_tokenizer_is_still_training(tmp_path, monkeypatch):
+    # The BPE training runs in Rust, which holds Python's signal handlers back until it returns
+    # (42 s in the issue). Here the training is made slow on purpose (no word cap, a long run of
+    # random letters) and Ctrl-C comes 0.3 s after its last text: prepare must stop without
+    # waiting for the training (its process is killed, not left to finish) and leave nothing behind.
+    import random
+    import signal
+    import string
+    import threading
+
+    from moe_lm.data import prepare as prep
+
+    started = []
+
+    class Recorded(prep.TrainingProcess):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            started.append(self.process)
+
+        def feed(self, texts):
+            super().feed(texts)
+            threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
+
+    monkeypatch.setattr(prep, "TrainingProcess", Recorded)
+    rng = random.Random(0)
+    letters = "".join(rng.choice(string.ascii_letters) for _ in range(100_000))
+    write_jsonl(tmp_path / "c.jsonl", corpus(40) + [f"x {letters} y"])
+    with pytest.raises(KeyboardInterrupt):
+        prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "out", vocab_size=2000, max_word_chars=10**9)
+    assert len(started) == 1 and started[0].returncode == -signal.SIGKILL  # stopped, not waited for
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]  # no output, no temporary folder
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+
+
 def test_bad_tokenizer_path_and_vocab_mismatch_are_clear_errors(tmp_path, tiny_data_dir):
     write_jsonl(tmp_path / "c.jsonl", corpus(10))
     with pytest.raises(DataError, match="tokenizer file not found"):
@@ -362,7 +441,7 @@ def test_cli_prepares_and_prints_the_summary(tmp_path):
 
 
 
-@pytest.mark.parametrize("where", ["train_tokenizer", "encode_batch"])
+@pytest.mark.parametrize("where", ["TrainingProcess.result", "encode_batch"])
 def test_a_ctrl_c_that_a_library_swallows_still_stops_prepare_with_nothing_written(where, tmp_path, monkeypatch):
     # tokenizers' Rust code can consume the KeyboardInterrupt of a Ctrl-C that lands inside it;
     # simulate exactly that: a real SIGINT whose exception the library catches and drops
@@ -370,7 +449,9 @@ def test_a_ctrl_c_that_a_library_swallows_still_stops_prepare_with_nothing_writt
 
     from moe_lm.data import prepare as prep
 
-    real = getattr(prep, where)
+    owner, _, name = where.rpartition(".")
+    owner = getattr(prep, owner) if owner else prep
+    real = getattr(owner, name)
 
     def swallowing(*args, **kw):
         try:
@@ -379,7 +460,7 @@ def test_a_ctrl_c_that_a_library_swallows_still_stops_prepare_with_nothing_writt
             pass
         return real(*args, **kw)
 
-    monkeypatch.setattr(prep, where, swallowing)
+    monkeypatch.setattr(owner, name, swallowing)
     write_jsonl(tmp_path / "c.jsonl", corpus(40))
     with pytest.raises(KeyboardInterrupt):
         prepare(data_files=str(tmp_path / "c.jsonl"), out=tmp_path / "out", vocab_size=300)
@@ -388,20 +469,22 @@ def test_a_ctrl_c_that_a_library_swallows_still_stops_prepare_with_nothing_writt
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
 
 
-def test_ctrl_c_on_the_command_line_exits_130_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_on_the_command_line_exits_128_plus_signal_and_writes_nothing(signame, status, tmp_path):
+    # SIGTERM: kill, docker stop, a job scheduler; the shell's convention is 128 + the signal number
     import signal
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "moe_lm", "prepare"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # wait until it reads the corpus, then press Ctrl-C
+    for line in proc.stdout:  # wait until it reads the corpus, then send the signal
         if "training a byte-level BPE" in line:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    assert not (tmp_path / "data").exists()
+    assert proc.returncode == status, err
+    assert f"interrupted ({signame})" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # neither data/builtin nor a hidden data/.builtin.tmp-*
 
 
 def test_a_ctrl_c_outside_prepare_s_own_handler_still_exits_130(tmp_path, monkeypatch):

@@ -190,6 +190,53 @@ def test_a_rank_that_dies_stops_the_others_with_an_error_not_a_hang(tmp_path, ti
             and "rank      : 0 (local_rank: 0)\n  exitcode  : 2" in summary) or "SIGTERM" in summary
 
 
+def _worker_pid(agent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker of this rank (a child of the agent, RANK in its environment)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == agent_pid and f"\0RANK={rank}\0".encode() in b"\0" + (stat.parent / "environ").read_bytes():
+                return int(stat.parent.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    raise AssertionError(f"no worker of rank {rank} under pid {agent_pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path, tiny_data_dir):
+    """A scheduler or `kill` sends SIGTERM to one worker only: rank 0 learns of it at the step's
+    all-reduce, both stop after the same step, rank 0 writes one checkpoint, both exit 143, and
+    the run resumes (here in one process) where it stopped."""
+    import signal
+
+    run = tmp_path / "run"
+    over = tiny(tiny_data_dir, *DP, "train.eval_every=1000", "train.checkpoint_every=1000")
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "moe_lm", "train", "--config", str(TINY_MOE),
+           "--out", str(run), *over, "train.max_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not any(r.get("kind") == "train" and r["step"] >= 2 for r in read_metrics(run / "metrics.jsonl")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    text = out + err
+    assert "lost contact" not in text  # rank 1 did not leave rank 0 alone in a collective
+    stopped = ckpt_io.read_state(ckpt_io.find_latest(run))["step"]
+    assert stopped >= 2
+    interrupted = [r for r in records(run, "event") if r["event"] == "interrupted"]
+    assert [(r["step"], r["signal"]) for r in interrupted] == [(stopped, "SIGTERM")]
+    assert f"interrupted at step {stopped} (SIGTERM)" in out and "torchrun --nproc_per_node=2" in out
+    summary = text[text.index("moe_lm FAILED"):]
+    assert "exitcode  : 143" in summary and "exitcode  : -" not in summary  # 128 + SIGTERM, not killed
+
+    resumed = one_process(run, [*over, f"train.max_steps={stopped + 2}"], resume="auto")
+    assert resumed.steps == stopped + 2
+    assert [r["step"] for r in records(run, "train")] == list(range(1, stopped + 3))  # one unbroken run
+
+
 def test_a_global_batch_or_expert_count_that_does_not_split_is_a_config_error(tiny_data_dir):
     cfg = load_config(TINY_MOE, tiny(tiny_data_dir, "train.batch_size=6", "train.grad_accum=2"))
     _check_parallel(cfg, distributed.SINGLE)  # one process: anything goes

@@ -1,4 +1,4 @@
-"""`moe-lm train` as a user runs it: Ctrl-C saves and exits 130, then --resume continues; every
+"""`moe-lm train` as a user runs it: Ctrl-C (SIGTERM) saves and exits 130 (143), then --resume continues; every
 user error is one clear line on stderr and exit status 2, never a traceback."""
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert f in lines[0], lines[0]
 
 
-def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_continues(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_exits_128_plus_signal_and_resume_continues(signame, status,
+                                                                                         tiny_data_dir, tmp_path):
+    # SIGTERM: kill, docker stop, a scheduler's preemption; the shell's convention is 128 + signum
     run = tmp_path / "run"
     args = ["--config", str(TINY_MOE), "--out", str(run), *tiny(tiny_data_dir, "train.log_every=1",
                                                                  "train.eval_every=1000")]
@@ -55,15 +58,15 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_continues(tiny_data_dir,
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err
     latest = ckpt_io.find_latest(run)
     stopped_at = ckpt_io.read_state(latest)["step"]
     assert stopped_at >= 3
-    assert f"interrupted at step {stopped_at}" in out and "--resume auto" in out
-    assert any(r.get("event") == "interrupted" for r in read_metrics(metrics))
+    assert f"interrupted at step {stopped_at} ({signame})" in out and "--resume auto" in out
+    assert [r.get("signal") for r in read_metrics(metrics) if r.get("event") == "interrupted"] == [signame]
 
     done = moe_lm_train(*args, f"train.max_steps={stopped_at + 2}", "--resume", "auto", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -10,8 +10,13 @@ The recipe, top to bottom:
 4. pass 2: read the documents again, give each a split by a hash of its text (or take the
    source's own split), tokenise in batches and append to `<split>.bin` (+ `<split>.domains.bin`);
 5. write meta.json, then rename the temporary folder into place.
-Everything is built in a hidden sibling folder `.<name>.tmp-XXXX`; any error or Ctrl-C removes
-it, so `data/<name>/` is either the old folder, the new one, or absent, never half-written.
+Everything is built in a hidden sibling folder `.<name>.tmp-XXXX`; any error, Ctrl-C or SIGTERM
+removes it, so `data/<name>/` is either the old folder, the new one, or absent, never half-written.
+
+The BPE training runs in a child process (tokenizer.TrainingProcess) fed through a pipe: the
+Rust code holds no signal handler of ours back, so Ctrl-C and SIGTERM act at once, and the child
+is killed. Words longer than `max_word_chars` are cut for training (tokenizer.WordCutter), which
+bounds the training time; the summary and meta.json say how many were.
 """
 
 from __future__ import annotations
@@ -37,12 +42,11 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import __version__
-from .. import checks
+from .. import __version__, checks, signals
 from ..errors import DataError
 from . import sources as src
 from .shards import DOMAIN_DTYPE, META, TOKENIZER, ShardWriter, token_dtype
-from .tokenizer import EOT, MIN_VOCAB, encode_batch, eot_id, load_tokenizer, train_tokenizer
+from .tokenizer import EOT, MAX_WORD_CHARS, MIN_VOCAB, TrainingProcess, encode_batch, eot_id, load_tokenizer
 
 DEFAULT_VOCAB = 8192
 SPLITS = ("train", "val", "test")
@@ -69,6 +73,7 @@ class PrepareOptions:
     max_bytes: Optional[int] = None  # cap on UTF-8 bytes of text read (per stream)
     overwrite: bool = False
     tokenizer_sample_bytes: int = 200_000_000  # train the BPE on at most this much training text
+    max_word_chars: int = MAX_WORD_CHARS  # longer runs of (non-)whitespace are cut for BPE training
     batch_bytes: int = 1 << 20  # text per encode_batch call (and per append to the shards)
     data_root: Path = Path("data")  # where data/<name>/ lives
 
@@ -153,73 +158,97 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
                              opts.streaming, opts.data_files)
     splits = _split_plan(source, opts)
 
-    created = _make_parents(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # NOTE: mkdtemp makes it 0700; the result is an ordinary folder
-        with _Progress(console) as progress, _ctrl_c_noted() as ctrl_c:
-            cache: dict[int, list[src.Document]] = {}  # streams read whole in pass 1
-            skipped: dict[int, int] = {}  # empty documents per stream
-            t0 = time.perf_counter()
-            if tok is None:
-                tok, trained_on = _train(source, opts, splits, cache, skipped, progress, console)
-                ctrl_c.check()
-                tok.save(str(tmp / TOKENIZER))
-                tok = load_tokenizer(tmp / TOKENIZER)  # NOTE: as every later user will see it
-            else:
-                shutil.copyfile(opts.tokenizer, tmp / TOKENIZER)
-                trained_on = None
-            t_tok = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            stats, files, domains = _tokenise(source, opts, splits, cache, skipped, tok, tmp, progress, console)
-            t_enc = time.perf_counter() - t0
-            ctrl_c.check()
-        notes = list(source.notes) + _check_splits(stats, source)
-        seconds = {"tokenizer": t_tok, "tokenise": t_enc}
-        meta = _meta(opts, out, source, splits, tok, trained_on, stats, files, domains, tmp)
-        meta["skipped_empty_documents"] = sum(skipped.values())
-        seconds["total"] = time.perf_counter() - t_start
-        meta["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(tmp, out, opts.overwrite)
-    except BaseException:  # NOTE: Ctrl-C too: no half-written folder may survive
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_if_empty(created)
-        raise
+    with _stop_signals_noted() as stop:
+        with stop.held():  # NOTE: a signal in between would leave the folder behind
+            created = _make_parents(out.parent)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            stop.check()
+            os.chmod(tmp, 0o777 & ~_umask())  # NOTE: mkdtemp makes it 0700; the result is an ordinary folder
+            with _Progress(console) as progress:
+                cache: dict[int, list[src.Document]] = {}  # streams read whole in pass 1
+                skipped: dict[int, int] = {}  # empty documents per stream
+                t0 = time.perf_counter()
+                if tok is None:
+                    tok, trained_on = _train(source, opts, splits, cache, skipped, progress, console)
+                    stop.check()
+                    tok.save(str(tmp / TOKENIZER))
+                    tok = load_tokenizer(tmp / TOKENIZER)  # NOTE: as every later user will see it
+                else:
+                    shutil.copyfile(opts.tokenizer, tmp / TOKENIZER)
+                    trained_on = None
+                t_tok = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                stats, files, domains = _tokenise(source, opts, splits, cache, skipped, tok, tmp, progress, console)
+                t_enc = time.perf_counter() - t0
+                stop.check()
+            notes = list(source.notes) + _check_splits(stats, source)
+            seconds = {"tokenizer": t_tok, "tokenise": t_enc}
+            meta = _meta(opts, out, source, splits, tok, trained_on, stats, files, domains, tmp)
+            meta["skipped_empty_documents"] = sum(skipped.values())
+            seconds["total"] = time.perf_counter() - t_start
+            meta["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+            _move_into_place(tmp, out, opts.overwrite)
+        except BaseException:  # NOTE: Ctrl-C and SIGTERM too: no half-written folder may survive
+            with stop.held():  # and a second signal must not cut the cleaning short
+                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_if_empty(created)
+            raise
     return PrepareSummary(out, meta, stats, seconds, notes=notes)
 
 
-class _CtrlC:
+class _StopNoted:
     def __init__(self) -> None:
-        self.pressed = False
+        self.signum: Optional[int] = None  # the first stop signal
+        self.holding = False
 
     def check(self) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
+        """Raise again a stop signal whose exception was swallowed or held back."""
+        if self.signum is not None:
+            raise signals.Interrupted(self.signum)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Signals are noted, not raised, inside this block."""
+        before, self.holding = self.holding, True
+        try:
+            yield
+        finally:
+            self.holding = before
 
 
 @contextmanager
-def _ctrl_c_noted() -> Iterator[_CtrlC]:
-    """Note every Ctrl-C (and raise KeyboardInterrupt as usual); `check()` raises it again.
+def _stop_signals_noted() -> Iterator[_StopNoted]:
+    """Ctrl-C (SIGINT) and SIGTERM raise `signals.Interrupted` (a KeyboardInterrupt) and are
+    noted; `check()` raises the noted one again; inside `held()` they are only noted.
 
-    NOTE: a Ctrl-C that lands while tokenizers' Rust code runs can have its KeyboardInterrupt
-    consumed there (seen as a prepare that finished with exit 0 after Ctrl-C); the note survives.
+    NOTE: a Ctrl-C that lands while tokenizers' Rust code runs a Python callback can have its
+    KeyboardInterrupt consumed there (seen as a prepare that finished with exit 0 after Ctrl-C);
+    the note survives. A signal that is ignored (SIG_IGN) stays ignored.
     """
-    flag = _CtrlC()
-    prev = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(prev):
-        yield flag  # SIGINT ignored or not ours to handle
+    stop = _StopNoted()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # not ours to handle
         return
 
-    def on_sigint(signum, frame):
-        flag.pressed = True
-        prev(signum, frame)
+    def on_signal(signum, frame):
+        signals.note(signum)
+        if stop.signum is None:
+            stop.signum = signum
+        if not stop.holding:
+            raise signals.Interrupted(signum)
 
-    signal.signal(signal.SIGINT, on_sigint)
+    prev = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    for s, handler in prev.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, on_signal)
     try:
-        yield flag
+        yield stop
     finally:
-        signal.signal(signal.SIGINT, prev)
+        for s, handler in prev.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _check_options(o: PrepareOptions) -> None:
@@ -229,6 +258,8 @@ def _check_options(o: PrepareOptions) -> None:
     if o.val_fraction + o.test_fraction >= 1:
         raise DataError(f"--val-fraction {o.val_fraction} + --test-fraction {o.test_fraction} leave no training documents",
                         "keep their sum below 1, e.g. 0.05 and 0.02")
+    if o.max_word_chars < 1:
+        raise DataError(f"max_word_chars {o.max_word_chars} must be ≥ 1", f"the default is {MAX_WORD_CHARS}")
     for flag, v in (("--max-documents", o.max_documents), ("--max-bytes", o.max_bytes)):
         if v is not None and v < 1:
             raise DataError(f"{flag} {v} must be ≥ 1", "or leave it out for no cap")
@@ -313,6 +344,7 @@ def _train(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, ski
     """Train the BPE on the training documents (the first `tokenizer_sample_bytes` of them).
 
     Streams read whole within the cap are kept in `cache` so pass 2 need not read them again.
+    The training itself runs in a child process, fed as the documents are read.
     """
     vocab = o.vocab_size or DEFAULT_VOCAB
     seen = {"documents": 0, "bytes": 0, "sampled": False}
@@ -344,14 +376,19 @@ def _train(source: src.Source, o: PrepareOptions, splits: dict, cache: dict, ski
             if kept is not None:
                 cache[i] = kept
 
-    tok = train_tokenizer(texts(), vocab)
-    if seen["documents"] == 0:
-        _raise_empty(source, sum(skipped.values()), had_documents=progress.documents > 0)
+    with TrainingProcess(vocab, o.max_word_chars) as trainer:
+        trainer.feed(texts())
+        if seen["documents"] == 0:
+            _raise_empty(source, sum(skipped.values()), had_documents=progress.documents > 0)
+        console_line(console, progress, f"read {seen['documents']:,} training documents "
+                                        f"({seen['bytes'] / 1e6:,.1f} MB); computing the BPE merges")
+        progress.describe("training tokenizer: computing merges")
+        tok, cut_words = trainer.result()
     how = (f"the first {seen['documents']} training documents in source order "
            f"({seen['bytes']} bytes; cap tokenizer_sample_bytes={o.tokenizer_sample_bytes})") if seen["sampled"] \
         else f"all {seen['documents']} training documents ({seen['bytes']} bytes)"
     return tok, {"documents": seen["documents"], "bytes": seen["bytes"], "sample": how,
-                 "requested_vocab_size": vocab}
+                 "requested_vocab_size": vocab, "max_word_chars": o.max_word_chars, "cut_words": cut_words}
 
 
 def _raise_empty(source: src.Source, skipped: int, had_documents: bool) -> None:
@@ -588,6 +625,10 @@ class _Progress:
                 self.bar.remove_task(self.task)
             self.task = self.bar.add_task(what, total=total_bytes, docs=0, tokens=0)
 
+    def describe(self, what: str) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, description=what)
+
     def advance(self, nbytes: int, docs: int, tokens: int) -> None:
         self.documents += docs
         self._tokens += tokens
@@ -617,6 +658,11 @@ def render_summary(summary: PrepareSummary, console: Optional[Console] = None) -
                 else f"reused {tok['reused_from']}")
     console.print(f"vocab {m['vocab_size']:,} ({m['dtype']}), eot id {m['eot_id']}; tokenizer {tok_line}",
                   markup=False, highlight=False)
+    cut = (tok.get("trained_on") or {}).get("cut_words", 0)
+    if cut:
+        console.print(f"{cut:,} word(s) longer than {tok['trained_on']['max_word_chars']:,} characters were cut "
+                      f"into pieces for the tokenizer's training (the token files encode them exactly)",
+                      markup=False, highlight=False)
     console.print(f"tokenisation {summary.tokenise_mb_s:.2f} MB/s ({summary.bytes / 1e6:.2f} MB in "
                   f"{sec['tokenise']:.1f} s); total time {sec['total']:.1f} s", markup=False, highlight=False)
     if m.get("domains"):

@@ -7,12 +7,21 @@ The tokenizer round-trips exactly: `decode(encode(text)) == text` for any string
 - the ByteLevel decoder maps the symbols back to the original bytes,
 - a literal "<|endoftext|>" inside a document is encoded as ordinary text (see `encode_batch`),
   so EOT ids in a token file always mark document ends.
+
+Training bounds the work per word: BPE training costs about (word length)^2 per merge for each
+word (`tokenizers` updates a word's symbols in a vector), so one 300 KB run of letters made the
+training 20 times slower and a 1 MB run never finished. `WordCutter` cuts every run of
+non-whitespace (or of whitespace) longer than `MAX_WORD_CHARS` into pieces for *training* only; a
+pre-tokenised word lies within such a run (plus one leading space), so no word the trainer sees,
+and no token it makes, is longer than about that. Encoding is untouched and stays exact: a long
+word is encoded with the merges learnt from the pieces.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -20,6 +29,38 @@ from ..errors import DataError
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 257  # 256 byte symbols + EOT
+MAX_WORD_CHARS = 1000  # longer runs of (non-)whitespace are cut into pieces for BPE training
+
+
+class WordCutter:
+    """Cuts runs of non-whitespace or whitespace longer than `max_chars` characters into pieces of
+    `max_chars` (the last one shorter), for BPE training. `cut_words` counts the runs cut.
+
+    A text with no long run comes back as it is; otherwise as a list of pieces, which the trainer
+    pre-tokenises separately, so no word spans two pieces.
+    """
+
+    def __init__(self, max_chars: int = MAX_WORD_CHARS):
+        if max_chars < 1:
+            raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+        self.max_chars = max_chars
+        self.cut_words = 0
+        self._space_run = re.compile(r"\s{%d}" % (max_chars + 1))
+        # NOTE: the lookbehinds anchor each match at the start of its run (linear time)
+        self._runs = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (max_chars + 1, max_chars + 1))
+
+    def __call__(self, text: str) -> Union[str, list[str]]:
+        n = self.max_chars
+        # NOTE: a cheap test first (str.split runs in C); the exact search only for the rare text
+        # that has a long run
+        if len(text) <= n or (max(map(len, text.split()), default=0) <= n and not self._space_run.search(text)):
+            return text
+        cuts = []
+        for m in self._runs.finditer(text):
+            self.cut_words += 1
+            cuts.extend(range(m.start() + n, m.end(), n))
+        bounds = [0, *cuts, len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def new_tokenizer() -> Tokenizer:
@@ -31,11 +72,14 @@ def new_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, length: Optional[int] = None) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, length: Optional[int] = None,
+                    cutter: Optional[WordCutter] = None) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (EOT included, id 0) on an iterable of texts.
 
     The iterable is consumed once, lazily, so it may stream; the trainer keeps only word counts.
-    Training is deterministic: the same texts give the same tokenizer.json.
+    Training is deterministic: the same texts give the same tokenizer.json. Runs longer than
+    `cutter.max_chars` (default MAX_WORD_CHARS) are cut for training; `cutter.cut_words` then
+    says how many were.
     """
     if vocab_size < MIN_VOCAB:
         raise DataError(f"--vocab-size {vocab_size} is too small",
@@ -49,8 +93,132 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: Optional[int]
         min_frequency=2,
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    cutter = cutter if cutter is not None else WordCutter()
+    tok.train_from_iterator((cutter(t) for t in texts), trainer=trainer, length=length)
     return _ready(tok)
+
+
+class TrainingProcess:
+    """`train_tokenizer` in a child process (moe_lm.data.bpe_worker), fed through a pipe.
+
+        with TrainingProcess(vocab_size, max_word_chars) as trainer:
+            trainer.feed(texts)              # blocks while the child is busy (bounded memory)
+            tok, cut_words = trainer.result()
+
+    The caller's thread stays in Python the whole time (writing to or reading from a pipe), so its
+    signal handlers run at once; leaving the block by an exception (Ctrl-C, SIGTERM, an error
+    while reading the corpus) kills the child. Same texts, same tokenizer as `train_tokenizer`.
+    """
+
+    def __init__(self, vocab_size: int, max_word_chars: int = MAX_WORD_CHARS, batch_chars: int = 1 << 20):
+        import subprocess
+        import sys
+        import tempfile
+
+        if vocab_size < MIN_VOCAB:
+            raise DataError(f"--vocab-size {vocab_size} is too small",
+                            f"a byte-level BPE needs at least {MIN_VOCAB} tokens: 256 bytes + end-of-text")
+        self.batch_chars = batch_chars
+        self._stderr = tempfile.TemporaryFile()  # NOTE: a file, not a pipe nobody reads (no deadlock)
+        # NOTE: the child imports this very moe_lm (a source tree, an install), added to its path
+        # only when that folder is not on it already
+        root = str(Path(__file__).resolve().parents[2])
+        start = ("import sys; r = sys.argv.pop(1); r in sys.path or sys.path.insert(0, r); "
+                 "from moe_lm.data.bpe_worker import main; sys.exit(main(sys.argv[1:]))")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", start, root, str(vocab_size), str(max_word_chars)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+
+    def __enter__(self) -> "TrainingProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def feed(self, texts: Iterable[str]) -> None:
+        """Send every text, then the end mark."""
+        import pickle
+
+        batch: list[str] = []
+        size = 0
+        try:
+            for text in texts:
+                batch.append(text)
+                size += len(text)
+                if size >= self.batch_chars:
+                    self._send(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+                    batch, size = [], 0
+            self._send(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL) + pickle.dumps(None))
+            self.process.stdin.close()
+        except BrokenPipeError:
+            self._failed()
+
+    def result(self) -> tuple[Tokenizer, int]:
+        """Wait for the child: (the trained tokenizer, how many words it cut)."""
+        import pickle
+
+        data = self._receive()
+        if self.process.wait() != 0 or not data:
+            self._failed()
+        out = pickle.loads(data)
+        return _ready(Tokenizer.from_str(out["tokenizer"])), int(out["cut_words"])
+
+    # NOTE: the pipes are written and read in steps of at most 0.1 s: a signal the kernel hands to
+    # another thread (a progress bar's, say) does not interrupt a blocking read or write, and
+    # Python runs its handler only when the main thread gets back to Python.
+
+    def _send(self, data: bytes) -> None:
+        import os
+        import select
+
+        fd = self.process.stdin.fileno()
+        if os.name == "nt":  # no select() on pipes
+            self.process.stdin.write(data)
+            return
+        os.set_blocking(fd, False)
+        view = memoryview(data)
+        while view:
+            if not select.select([], [fd], [], 0.1)[1]:
+                continue
+            try:
+                view = view[os.write(fd, view[:1 << 16]):]
+            except BlockingIOError:
+                continue
+
+    def _receive(self) -> bytes:
+        import os
+        import select
+
+        if os.name == "nt":
+            return self.process.stdout.read()
+        fd = self.process.stdout.fileno()
+        chunks = []
+        while True:
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def close(self) -> None:
+        """Kill the child if it still runs; release the pipes."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for f in (self.process.stdin, self.process.stdout, self._stderr):
+            try:
+                f.close()
+            except (OSError, ValueError):  # a broken pipe's buffered bytes
+                pass
+
+    def _failed(self) -> None:
+        code = self.process.wait()
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {code}"
+        raise DataError(f"the tokenizer training process failed: {why}",
+                        "rerun with less text (--max-bytes) if it ran out of memory")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from .. import checks, distributed
+from .. import checks, distributed, signals
 from ..config import Config, config_warnings, dump_yaml, validate
 from ..errors import ConfigError, DataError, RunError, TrainingError
 from . import checkpoint as ckpt_io
@@ -63,11 +63,12 @@ class TrainResult:
     interrupted: bool = False
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: a checkpoint was saved; the CLI exits 130."""
+class TrainingInterrupted(signals.Interrupted):
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved; the CLI exits 128 + signum
+    (130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+    def __init__(self, step: int, checkpoint: Path, signum: int = signal.SIGINT):
+        super().__init__(signum, f"interrupted at step {step} ({signals.name(signum)}); checkpoint saved to {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
 
@@ -263,13 +264,17 @@ def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, conso
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = distributed.clip_grad_norm_(model, t.grad_clip if t.grad_clip > 0 else float("inf"), ctx)
+            flags = []
             if ctx.enabled:
-                # NOTE: the ranks' means -> the global batch's; a Ctrl-C seen by any rank stops them
-                # all after this same step
-                both = ctx.all_reduce_(torch.cat([sums, sums.new_tensor([float(stop.signalled)])]))
-                sums, stop.requested = both[:3] / ctx.world_size, bool(both[3] > 0)
-            # one host sync per step: the values to log, and the finiteness check
-            ce, aux_v, z_v, gn = torch.cat([sums, grad_norm.detach().float().reshape(1).to(device)]).tolist()
+                # NOTE: the ranks' means -> the global batch's; a Ctrl-C or SIGTERM seen by any rank
+                # stops them all after this same step
+                both = ctx.all_reduce_(torch.cat([sums, sums.new_tensor(stop.flags())]))
+                sums, flags = both[:3] / ctx.world_size, [both[3:]]
+            # one host sync per step: the values to log, the finiteness check (and the stop flags)
+            ce, aux_v, z_v, gn, *stop_flags = torch.cat([sums, grad_norm.detach().float().reshape(1).to(device),
+                                                         *flags]).tolist()
+            if ctx.enabled:
+                stop.agree(*stop_flags)
             # (with float16 the grad scaler handles an inf gradient norm itself: it skips the step)
             checked = [("cross-entropy", ce), ("balance loss", aux_v), ("z-loss", z_v)]
             bad = [(n, v) for n, v in checked + ([("gradient norm", gn)] if scaler is None else []) if not math.isfinite(v)]
@@ -317,8 +322,16 @@ def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, conso
         if interrupted:
             if saved_step != step:
                 last_ckpt = save_now()
-            write(event_record(step=step, event="interrupted", message=f"checkpoint {last_ckpt}"))
-            display.note(f"interrupted at step {step}: checkpoint saved to {last_ckpt}")
+            how = signals.name(stop.signum)
+            write(event_record(step=step, event="interrupted", message=f"{how}; checkpoint {last_ckpt}", signal=how))
+            display.note(f"interrupted at step {step} ({how}): checkpoint saved to {last_ckpt}")
+    if interrupted:
+        console.print(f"continue with: {_resume_command(command_line, run_dir, ctx.world_size)}", markup=False,
+                      highlight=False, soft_wrap=True)
+        if ctx.enabled:
+            # NOTE: every rank leaves together, after rank 0 has written and said all that matters:
+            # torchrun sends SIGTERM to the others as soon as one worker exits
+            ctx.all_reduce_(torch.zeros(1, device=device))
     if sink:
         sink.close()
     if tb:
@@ -331,9 +344,7 @@ def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, conso
         wall_s=wall_s, flops=fpt * tokens, checkpoint=last_ckpt, interrupted=interrupted,
     )
     if interrupted:
-        console.print(f"continue with: {_resume_command(command_line, run_dir)}", markup=False, highlight=False,
-                      soft_wrap=True)
-        raise TrainingInterrupted(step, last_ckpt)
+        raise TrainingInterrupted(step, last_ckpt, stop.signum)
     _print_summary(console, result, figures)
     return result
 
@@ -603,33 +614,56 @@ def evaluate(forward, model: torch.nn.Module, batches: list, device: torch.devic
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once.
+    """The first stop signal - Ctrl-C (SIGINT) or SIGTERM (kill, docker stop, a scheduler's
+    preemption, torchrun's agent) - finishes the step, saves a checkpoint and stops. A second
+    Ctrl-C stops at once (a person insisting). SIGTERM never does: its senders give a grace
+    period and send SIGKILL themselves when it runs out.
 
-    synced (torchrun): the loop acts on `requested`, which the trainer sets from every rank's
-    `signalled` at the step's all-reduce, so all ranks stop after the same step."""
+    synced (torchrun): the loop acts on `requested`, which the trainer sets (`agree`) from every
+    rank's `flags()` at the step's all-reduce, so all ranks stop after the same step, and exit with
+    the same status (SIGTERM's when any rank got one)."""
 
     def __init__(self, synced: bool = False):
         self.requested = False
-        self.signalled = False
+        self.seen: list[int] = []  # this process's own stop signals, in order
+        self.signum: int = signal.SIGINT  # the signal that stops the run (a peer's, under torchrun)
         self.synced = synced
-        self._prev = None
+        self._prev: dict = {}
+
+    @property
+    def signalled(self) -> bool:
+        return bool(self.seen)
+
+    def flags(self) -> list[float]:
+        """[got SIGINT, got SIGTERM] for the all-reduce."""
+        return [float(signal.SIGINT in self.seen), float(signal.SIGTERM in self.seen)]
+
+    def agree(self, sigint: float, sigterm: float) -> None:
+        """The flags summed over the ranks: stop when any rank was signalled."""
+        if sigint > 0 or sigterm > 0:
+            self.requested = True
+            self.signum = signal.SIGTERM if sigterm > 0 else signal.SIGINT
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGINT, self._handle)
+            for s in signals.STOP_SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._prev[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.signalled:
-            raise KeyboardInterrupt
-        self.signalled = True
-        if not self.synced:
+        signals.note(signum)
+        if self.seen and signum == signal.SIGINT:
+            raise signals.Interrupted(signum)
+        if not self.seen and not self.synced:
             self.requested = True
+            self.signum = signum
+        self.seen.append(signum)
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
-            self._prev = None
+        for s, prev in self._prev.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        self._prev = {}
 
 
 class _Window:
@@ -706,11 +740,13 @@ def _print_summary(console, r: TrainResult, plots: list[Path]) -> None:
     )
 
 
-def _resume_command(command_line: Optional[list[str]], run_dir: Path) -> str:
+def _resume_command(command_line: Optional[list[str]], run_dir: Path, world_size: int = 1) -> str:
     if not command_line:
         return f"moe-lm train --config {run_dir / 'config.yaml'} --out {run_dir} --resume auto"
     args = [a for a in command_line if a != "--overwrite"]
     prog = "moe-lm" if Path(args[0]).name in ("moe-lm", "__main__.py", "cli.py") else args[0]
+    if world_size > 1:  # a torchrun worker: its own command line lacks the launcher
+        prog = f"torchrun --nproc_per_node={world_size} -m moe_lm"
     args = [prog] + args[1:]
     if "--resume" in args:
         i = args.index("--resume")
