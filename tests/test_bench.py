@@ -97,3 +97,24 @@ def test_bench_layer_times_forced_paths_beside_the_default():
     r = bench.bench_layer(d_model=16, tokens=64, experts=4, top_k=2, repeats=1, warmup=0, hf=False,
                           also_paths=("fused", "padded"))
     assert set(r["paths"]) == {"fused", "padded"} and r["dispatch"] in ("fused", "padded")
+
+
+def test_gpu_check_dry_run_prints_the_plan_and_exits_0(tmp_path):
+    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for what in ("pytest -m cuda", "bench_layer.py --device cuda --dtype bfloat16", "configs/small-moe.yaml",
+                 "torch.distributed.run --standalone --nproc_per_node=2", "compare-dense"):
+        assert what in p.stdout, what
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_gpu_check_plan_fits_its_time_budget_and_drops_torchrun_on_one_gpu(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert sum(s.budget_s for s in gpu_check.plan(tmp_path, None)) <= 480
+    one = [s.name for s in gpu_check.plan(tmp_path, 1)]
+    assert not any("torchrun" in n for n in one) and len(one) == len(gpu_check.plan(tmp_path, 2)) - 1
