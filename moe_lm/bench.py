@@ -251,6 +251,7 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
         "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
         "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
         "busy": busy, "busy_pids": busy_pids, "cores": available_cores(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "transformers": _version("transformers"),
     }
 

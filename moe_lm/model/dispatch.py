@@ -17,14 +17,17 @@ reference, outputs and gradients):
   E is. Each operation is a fork-join across the torch threads; when another program holds a core,
   one descheduled thread makes the others wait at every join, so few large operations degrade like
   the dense FFN while many small ones do not (measured: docs/PERFORMANCE.md). It computes
-  E·C rows instead of A, so it is taken only while E·C ≤ PAD_SLACK·A (balanced routing).
+  E·C rows instead of A, so it is taken only while E·C ≤ PAD_SLACK·A (balanced routing), and
+  only off the CPU: on 2 CPU cores with torch's threads sleeping at joins (OMP_WAIT_POLICY=PASSIVE,
+  set by moe_lm/__init__.py), "fused" measured faster (docs/PERFORMANCE.md). With spinning threads
+  beside other programs it was the other way round (64x8: padded 2.2x dense, fused 15x).
 - "fused": a custom autograd Function looping over experts. Each expert gathers its rows by index,
   runs gate_up -> activation -> down, and index_adds its scaled output; the backward does the
   same walk with only the gathers/scatters it needs. Per-expert buffers stay small (on a CPU,
   glibc serves allocations under 32 MiB from its heap, while each larger one is a fresh mmap whose
   pages fault in at first touch - measured at ~50 ms per 128 MiB on the reference machine; see
   docs/PERFORMANCE.md), and it saves only each expert's pre-activation and output for the
-  backward. No padding, so it is the path for unbalanced routing.
+  backward. No padding. The CPU's path, and everywhere the path for unbalanced routing.
 - "grouped_mm": one gather, `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`) for
   gate_up and down over all experts, autograd through torch's own ops, and no host sync. Used on
   CUDA with bf16 where this torch has it (real grouped GEMM kernels there); on a CPU torch runs it
@@ -45,7 +48,7 @@ PATHS = ("fused", "padded") + (("grouped_mm",) if _grouped_mm is not None else (
 
 # NOTE: the padded path computes E x max(rows) rows; it is taken while that is at most this much
 # more than the real rows (the measured trade: one bmm instead of E matmuls, see choose_path).
-PAD_SLACK = 1.25
+PAD_SLACK = 1.5
 
 
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, n_experts: int):
@@ -56,11 +59,15 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
 
 
 def choose_path(x: torch.Tensor, sizes: Optional[list[int]] = None) -> str:
-    """The measured rule: grouped_mm on CUDA in bf16 where torch has it; otherwise padded while
-    E x max(sizes) ≤ PAD_SLACK x sum(sizes) (balanced routing), else fused. sizes: assignments per
-    expert (None: assume balanced)."""
+    """The rule: grouped_mm on CUDA in bf16 where torch has it; fused on a CPU (measured fastest
+    there once torch's OpenMP threads sleep rather than spin, see moe_lm/__init__.py); on other
+    accelerators padded (a few large kernels instead of ~20 per expert) while
+    E x max(sizes) ≤ PAD_SLACK x sum(sizes), else fused. sizes: assignments per expert (None:
+    assume balanced)."""
     if x.device.type == "cuda" and _grouped_mm is not None and x.dtype == torch.bfloat16:
         return "grouped_mm"
+    if x.device.type == "cpu":
+        return "fused"
     if sizes is None or padded_rows(sizes) <= PAD_SLACK * max(1, sum(sizes)):
         return "padded"
     return "fused"

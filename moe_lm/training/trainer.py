@@ -539,6 +539,7 @@ def environment(device: torch.device, amp_dtype, command_line, data=None, resume
         "moe_lm": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "platform": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "world_size": distributed.env_world_size(),
         "device": device.type, "device_name": _device_name(device),
         "precision": "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast",
@@ -801,6 +802,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
             r["times"].append((time.perf_counter() - t0) / steps)
     peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
     out: dict[str, Any] = {"device": dev.type, "device_name": _device_name(dev), "threads": torch.get_num_threads(),
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                            "precision": "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
                            "batch_tokens": bs * seq, "matmul_peak_flops": peak, "models": {}}
     for name, r in runs.items():
