@@ -8,7 +8,7 @@ MOE := $(VENV)/bin/moe-lm
 TORCH_VERSION ?= 2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install browser demo test test-distributed bench clean
+.PHONY: install browser demo test test-distributed bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test-distributed: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# On a CUDA machine: CUDA tests, bf16 layer bench, small-moe throughput, torchrun NCCL (2 GPUs),
+# a short compare-dense; one JSON + a table, under 8 minutes (benchmarks/gpu_check.py --dry-run: the plan)
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs data/builtin

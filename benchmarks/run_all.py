@@ -1,4 +1,5 @@
-"""Every benchmark in one go (`make bench`): prepare, the MoE layer (both shapes), training
+"""Every benchmark in one go (`make bench`): prepare, the MoE layer (both shapes, on a quiet
+machine and beside 1 and 2 busy-loop processes), training
 throughput of tiny-moe vs its dense twin, 1 vs 2 training processes, and generation with/without the KV cache. Each prints
 its own table; the figures that matter are ratios measured inside one process, so a busy machine
 slows both sides alike. Run on an otherwise idle machine all the same.
@@ -27,7 +28,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     steps = [
         ("prepare", lambda: bench_prepare.main(["--json", str(out / "prepare.json")])),
-        ("layer", lambda: bench_layer.main(["--json", str(out / "layer.json")])),
+        ("layer", lambda: bench_layer.main(["--json", str(out / "layer.json"), "--busy", "0", "1", "2"])),
         ("train", lambda: bench_train.main(["--json", str(out / "train.json")])),
         ("distributed", lambda: bench_distributed.main(["--json", str(out / "distributed.json")])),
         ("generate", lambda: bench_generate.main([])),

@@ -16,10 +16,16 @@ order, after warm-up rounds; the figure is the median over rounds.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import signal
 import statistics
+import subprocess
+import sys
+import threading
 import time
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -41,6 +47,62 @@ def tune_malloc() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
     except OSError:
         return False
+
+
+# A plain Python busy loop (what "another program is using a core" looks like). It also leaves by
+# itself when its parent goes away (even a SIGKILLed parent, whose finally blocks never run).
+BUSY_LOOP = ("import os\n"
+             "parent = os.getppid()\n"
+             "while os.getppid() == parent:\n"
+             "    for _ in range(200000):\n"
+             "        pass\n")
+
+
+def _stop_processes(procs: list) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@contextmanager
+def busy_loops(n: int) -> Iterator[list[int]]:
+    """Run n busy-loop processes for the duration of the block; yields their pids.
+
+    They are stopped (terminate, then kill, then reaped) however the block ends: normally, by an
+    exception, by Ctrl-C, or by SIGTERM (turned into SystemExit inside the block, main thread
+    only, so the finally clause runs)."""
+    procs: list = []
+    prev = None
+    if n > 0 and threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):
+            raise SystemExit(128 + signum)
+
+        prev = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if procs:
+            time.sleep(0.2)  # let them start spinning before anything is timed
+        yield [p.pid for p in procs]
+    finally:
+        _stop_processes(procs)
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _sync(device: torch.device) -> None:
@@ -98,10 +160,14 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
                 ffn_hidden: Optional[int] = None, repeats: int = 10, warmup: int = 2,
                 device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None,
                 hf: bool = True, dispatch_path: Optional[str] = None, seed: int = 0,
-                memory_limit_gib: float = 8.0) -> dict:
+                memory_limit_gib: float = 8.0, busy: int = 0, also_paths: tuple[str, ...] = ()) -> dict:
     """Median forward+backward milliseconds of the MoE layer, the dense FFN of equal active width
     and transformers' Mixtral block (each experts implementation; one whose memory estimate exceeds
-    memory_limit_gib is skipped, with the reason). Returns a JSON-ready dict."""
+    memory_limit_gib is skipped, with the reason). Returns a JSON-ready dict.
+
+    busy: that many busy-loop processes run beside the measurement (busy_loops), from the first
+    forward to the peak measure; they are gone when this returns or raises.
+    also_paths: dispatch paths to time too, as extra contenders on the same layer (same weights)."""
     from .model.moe import FeedForward, MoELayer
 
     from .model.dispatch import PATHS
@@ -116,6 +182,7 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
     checks.choice("--dtype", dtype, ("float32", "bfloat16", "float16"))
     if dispatch_path is not None:
         checks.choice("--dispatch", dispatch_path, PATHS)
+    checks.option_number("--busy", busy, 0, 64, integer=True)
     h = ffn_hidden or max(1, (4 * d_model) // top_k)
     dev = torch.device(device)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -150,7 +217,14 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
                     mods[f"hf:{impl}"] = _hf_block(impl, d_model, h, experts, top_k, moe, dev, dt)
                 except Exception as exc:  # noqa: BLE001 - an implementation this version lacks
                     hf_skipped[impl] = f"{type(exc).__name__}: {exc}"
-    mods = {"moe": moe.to(device=dev, dtype=dt), "dense": dense.to(device=dev, dtype=dt), **mods}
+    from .model.dispatch import PATHS
+
+    for p in also_paths:
+        if p not in PATHS:
+            raise ConfigError(f"--also {p}: unknown dispatch path (known: {', '.join(PATHS)})")
+    moe = moe.to(device=dev, dtype=dt)
+    mods = {"moe": moe, "dense": dense.to(device=dev, dtype=dt),
+            **{f"path:{p}": _OnPath(moe, p) for p in also_paths}, **mods}
 
     def make(mod):
         def step():
@@ -162,10 +236,52 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
                 p.grad = None
         return step
 
+    with busy_loops(busy) as busy_pids:
+        med, peak, hf_max_abs_diff, path = _measure(mods, contenders, make, x, dev, dt, repeats, warmup, hf_skipped)
+    fwd_bwd_flops = 3 * 2 * tokens * d_model * top_k * h * 3  # 3 matrices, forward + backward
+    return {
+        "moe_ms": round(med["moe"], 2), "dense_ms": round(med["dense"], 2),
+        "ratio": round(med["moe"] / med["dense"], 3),
+        "hf": {n[3:]: round(v, 2) for n, v in med.items() if n.startswith("hf:")},
+        "hf_ratio": {n[3:]: round(v / med["dense"], 3) for n, v in med.items() if n.startswith("hf:")},
+        "hf_skipped": hf_skipped, "hf_max_abs_diff": hf_max_abs_diff,
+        "paths": {n[5:]: round(v, 2) for n, v in med.items() if n.startswith("path:")},
+        "paths_ratio": {n[5:]: round(v / med["dense"], 3) for n, v in med.items() if n.startswith("path:")},
+        "gflops_peak": round(peak, 1),
+        "moe_gflops": round(fwd_bwd_flops / med["moe"] / 1e6, 1),
+        "dense_gflops": round(fwd_bwd_flops / med["dense"] / 1e6, 1),
+        "device": _device_name(dev), "dtype": dtype, "threads": torch.get_num_threads(),
+        "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
+        "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
+        "busy": busy, "busy_pids": busy_pids, "cores": available_cores(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch": torch.__version__, "transformers": _version("transformers"),
+    }
+
+
+class _OnPath(torch.nn.Module):
+    """The same MoE layer, forced onto one dispatch path."""
+
+    def __init__(self, layer, path: str):
+        super().__init__()
+        self.layer, self.path = layer, path
+
+    def forward(self, x):
+        saved, self.layer.dispatch_path = self.layer.dispatch_path, self.path
+        try:
+            return self.layer(x)
+        finally:
+            self.layer.dispatch_path = saved
+
+
+def _measure(mods, contenders, make, x, dev, dt, repeats, warmup, hf_skipped):
+    """The checks and the interleaved timing of bench_layer -> (median ms by contender, matmul
+    peak GFLOP/s, transformers' max abs difference by implementation, the MoE's dispatch path)."""
     # outputs agree? (same weights, same routing; dropless top-k is deterministic)
     hf_max_abs_diff: dict[str, float] = {}
     with torch.no_grad():
         ref = mods["moe"](x)[0].float()
+        path = mods["moe"].experts.last_path  # the path the layer's own rule takes (before any forced one)
         for name in list(mods):
             if name.startswith("hf:"):
                 try:
@@ -191,26 +307,7 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
                 times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) * 1000 for n, v in times.items()}
     peak = measure_peak(dev, dt)
-    fwd_bwd_flops = 3 * 2 * tokens * d_model * top_k * h * 3  # 3 matrices, forward + backward
-    path = dispatch_path
-    if path is None:
-        from .model.dispatch import choose_path
-
-        path = choose_path(x)
-    return {
-        "moe_ms": round(med["moe"], 2), "dense_ms": round(med["dense"], 2),
-        "ratio": round(med["moe"] / med["dense"], 3),
-        "hf": {n[3:]: round(v, 2) for n, v in med.items() if n.startswith("hf:")},
-        "hf_ratio": {n[3:]: round(v / med["dense"], 3) for n, v in med.items() if n.startswith("hf:")},
-        "hf_skipped": hf_skipped, "hf_max_abs_diff": hf_max_abs_diff,
-        "gflops_peak": round(peak, 1),
-        "moe_gflops": round(fwd_bwd_flops / med["moe"] / 1e6, 1),
-        "dense_gflops": round(fwd_bwd_flops / med["dense"] / 1e6, 1),
-        "device": _device_name(dev), "dtype": dtype, "threads": torch.get_num_threads(),
-        "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
-        "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
-        "torch": torch.__version__, "transformers": _version("transformers"),
-    }
+    return med, peak, hf_max_abs_diff, path
 
 
 def render_layer(r: dict, console) -> None:
@@ -219,12 +316,15 @@ def render_layer(r: dict, console) -> None:
 
     t = Table(title=f"MoE layer forward+backward: {r['tokens']:,} tokens, d_model {r['d_model']}, "
                     f"{r['experts']} experts top-{r['top_k']} x {r['ffn_hidden']} (SwiGLU) "
-                    f"vs dense {r['dense_hidden']}; {r['device']}, {r['dtype']}")
+                    f"vs dense {r['dense_hidden']}; {r['device']}, {r['dtype']}"
+                    + (f"; {r['busy']} busy-loop process{'es' if r['busy'] != 1 else ''} beside it" if r.get("busy") else ""))
     for col in ("layer", "median ms", "/ dense", "GFLOP/s"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     flops = r["moe_gflops"] * r["moe_ms"]  # MFLOP, the same work for every row
     t.add_row(f"moe-lm MoE ({r['dispatch']})", f"{r['moe_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['moe_gflops']:.0f}")
     t.add_row("dense FFN, equal active width", f"{r['dense_ms']:.1f}", "1.000", f"{r['dense_gflops']:.0f}")
+    for p, ms in r.get("paths", {}).items():
+        t.add_row(f"moe-lm MoE, forced {p}", f"{ms:.1f}", f"{r['paths_ratio'][p]:.3f}", f"{flops / ms:.0f}")
     for impl, ms in r["hf"].items():
         t.add_row(f"transformers Mixtral block ({impl})", f"{ms:.1f}", f"{r['hf_ratio'][impl]:.3f}", f"{flops / ms:.0f}")
     console.print(t)

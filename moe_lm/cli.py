@@ -271,6 +271,8 @@ def bench_layer_cmd(
     dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | grouped_mm where this torch has it (default: the measured rule)."),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time transformers' MixtralSparseMoeBlock when installed."),
     tune_malloc: bool = typer.Option(False, "--tune-malloc", help="glibc: keep freed memory in the heap (no page faults on large allocations), for every contender."),
+    busy: int = typer.Option(0, "--busy", help="Run this many busy-loop processes beside the measurement (a machine that is not quiet)."),
+    also: Optional[List[str]] = typer.Option(None, "--also", help="Also time the MoE layer forced onto this dispatch path (repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Forward+backward time of one MoE layer vs the dense FFN of equal active width and vs transformers' Mixtral block."""
@@ -282,7 +284,7 @@ def bench_layer_cmd(
         _tune()
     r = bench_layer(d_model=d_model, tokens=tokens, experts=experts, top_k=top_k, ffn_hidden=ffn_hidden,
                     repeats=repeats, warmup=warmup, threads=threads, device=device, dtype=dtype,
-                    dispatch_path=dispatch, hf=hf)
+                    dispatch_path=dispatch, hf=hf, busy=busy, also_paths=tuple(also or ()))
     r["tune_malloc"] = tune_malloc
     if json_out:
         console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)

@@ -213,3 +213,34 @@ def test_bf16_autocast_runs_experts_in_bf16_with_router_math_in_float32():
     assert r.logits.dtype == torch.float32 and r.weight.dtype == torch.float32
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), layer(x)[0], rtol=0.05, atol=0.05)
+
+
+def test_every_path_agrees_with_fused_on_a_bigger_layer_with_uneven_experts():
+    layer = make_layer("swiglu", E=16, k=4, d=64, h=32)
+    x = torch.randn(256, 64)
+    out = {}
+    for path in dispatch.PATHS:
+        layer.dispatch_path = path
+        out[path] = grads_of(lambda x: layer(x)[0], layer, x)
+    assert len(set(layer(x)[1].load.tolist())) > 1  # the experts' row counts differ (padding is exercised)
+    for path in dispatch.PATHS:
+        for a, b in zip(out[path], out["fused"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_choose_path_fused_on_cpu_and_elsewhere_pads_only_balanced_experts():
+    x = torch.zeros(4, 4)
+    assert dispatch.choose_path(x, [100, 101, 99, 100]) == "fused"
+    meta = torch.zeros(4, 4, device="meta")  # stands for an accelerator without bf16 grouped_mm
+    assert dispatch.choose_path(meta, [100, 101, 99, 100]) == "padded"
+    assert dispatch.choose_path(meta, [400, 0, 0, 0]) == "fused"  # padding would compute 4x the rows
+    assert dispatch.padded_rows([3, 5, 1]) == 15
+
+
+def test_the_layer_records_the_path_its_rule_took():
+    layer = make_layer("swiglu", E=4, k=2)
+    layer(torch.randn(32, 16))
+    assert layer.experts.last_path in dispatch.PATHS
+    layer.dispatch_path = "fused"
+    layer(torch.randn(32, 16))
+    assert layer.experts.last_path == "fused"

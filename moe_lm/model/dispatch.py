@@ -8,16 +8,26 @@ Sort the assignments by expert, run each expert on its contiguous slice, scale b
 index_add back. Tokens with no assignment (capacity drops) get 0: the residual stream carries
 them. Never a loop over tokens, no one-hot (T, E, C) tensors.
 
-Two paths, the same function (tests/test_model_dispatch.py checks both against a per-token
+Three paths, the same function (tests/test_model_dispatch.py checks each against a per-token
 reference, outputs and gradients):
 
+- "padded": a custom autograd Function (`PaddedFFN`) that copies every expert's rows into one
+  (E, C, d) buffer, C = the largest expert's rows, zero elsewhere; each matmul is then ONE bmm
+  over all experts and the activation one call: about a dozen operations per direction whatever
+  E is. Each operation is a fork-join across the torch threads; when another program holds a core,
+  one descheduled thread makes the others wait at every join, so few large operations degrade like
+  the dense FFN while many small ones do not (measured: docs/PERFORMANCE.md). It computes
+  E·C rows instead of A, so it is taken only while E·C ≤ PAD_SLACK·A (balanced routing), and
+  only off the CPU: on 2 CPU cores with torch's threads sleeping at joins (OMP_WAIT_POLICY=PASSIVE,
+  set by moe_lm/__init__.py), "fused" measured faster (docs/PERFORMANCE.md). With spinning threads
+  beside other programs it was the other way round (64x8: padded 2.2x dense, fused 15x).
 - "fused": a custom autograd Function looping over experts. Each expert gathers its rows by index,
   runs gate_up -> activation -> down, and index_adds its scaled output; the backward does the
   same walk with only the gathers/scatters it needs. Per-expert buffers stay small (on a CPU,
   glibc serves allocations under 32 MiB from its heap, while each larger one is a fresh mmap whose
   pages fault in at first touch - measured at ~50 ms per 128 MiB on the reference machine; see
   docs/PERFORMANCE.md), and it saves only each expert's pre-activation and output for the
-  backward. Fastest measured on CPU for 8 and 64 experts.
+  backward. No padding. The CPU's path, and everywhere the path for unbalanced routing.
 - "grouped_mm": one gather, `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`) for
   gate_up and down over all experts, autograd through torch's own ops, and no host sync. Used on
   CUDA with bf16 where this torch has it (real grouped GEMM kernels there); on a CPU torch runs it
@@ -34,7 +44,11 @@ import torch
 import torch.nn.functional as F
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-PATHS = ("fused", "grouped_mm") if _grouped_mm is not None else ("fused",)
+PATHS = ("fused", "padded") + (("grouped_mm",) if _grouped_mm is not None else ())
+
+# NOTE: the padded path computes E x max(rows) rows; it is taken while that is at most this much
+# more than the real rows (the measured trade: one bmm instead of E matmuls, see choose_path).
+PAD_SLACK = 1.5
 
 
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, n_experts: int):
@@ -44,11 +58,24 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
     return token[order], weight[order], counts
 
 
-def choose_path(x: torch.Tensor) -> str:
-    """The measured rule: grouped_mm on CUDA in bf16 where torch has it, else fused."""
+def choose_path(x: torch.Tensor, sizes: Optional[list[int]] = None) -> str:
+    """The rule: grouped_mm on CUDA in bf16 where torch has it; fused on a CPU (measured fastest
+    there once torch's OpenMP threads sleep rather than spin, see moe_lm/__init__.py); on other
+    accelerators padded (a few large kernels instead of ~20 per expert) while
+    E x max(sizes) ≤ PAD_SLACK x sum(sizes), else fused. sizes: assignments per expert (None:
+    assume balanced)."""
     if x.device.type == "cuda" and _grouped_mm is not None and x.dtype == torch.bfloat16:
         return "grouped_mm"
+    if x.device.type == "cpu":
+        return "fused"
+    if sizes is None or padded_rows(sizes) <= PAD_SLACK * max(1, sum(sizes)):
+        return "padded"
     return "fused"
+
+
+def padded_rows(sizes: list[int]) -> int:
+    """Rows the padded path computes: E x the largest expert's rows."""
+    return len(sizes) * max(sizes, default=0)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -69,14 +96,24 @@ def moe_ffn(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
     if dtype is not None:
         x, w_in, w_down = x.to(dtype), w_in.to(dtype), w_down.to(dtype)
     token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
-    path = path or choose_path(x)
+    if path is not None and path not in PATHS:
+        raise ValueError(f"unknown dispatch path {path!r} (known: {', '.join(PATHS)})")
+    sizes = None
+    if path != "grouped_mm" and not (path is None and choose_path(x) == "grouped_mm"):
+        # NOTE: one host sync per layer (the slice sizes); the grouped_mm path has none.
+        sizes = counts.tolist()
+    path = path or choose_path(x, sizes)
+    experts.last_path = path
     with torch.autocast(dev, enabled=False):
         if path == "grouped_mm":
             return _grouped_path(x, token_s, weight_s, counts, w_in, w_down, experts.activation)
-        if path == "fused":
-            # NOTE: one host sync per layer (the slice sizes); the grouped_mm path has none.
-            return ExpertsFFN.apply(x, weight_s, w_in, w_down, token_s, counts.tolist(), experts.activation)
-    raise ValueError(f"unknown dispatch path {path!r} (known: {', '.join(PATHS)})")
+        if path == "padded":
+            C = max(sizes, default=0)
+            starts = torch.cumsum(counts, 0) - counts
+            expert_s = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), counts, output_size=len(token_s))
+            slot = expert_s * C + torch.arange(len(token_s), device=x.device) - starts[expert_s]
+            return PaddedFFN.apply(x, weight_s, w_in, w_down, token_s, slot, C, experts.activation)
+        return ExpertsFFN.apply(x, weight_s, w_in, w_down, token_s, sizes, experts.activation)
 
 
 def moe_ffn_expert_parallel(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
@@ -238,6 +275,60 @@ class ExpertsFFN(torch.autograd.Function):
         if dw is not None:
             dw = dw.to(weight_s.dtype)
         return dx, dw, dwin, dwd, None, None, None
+
+
+class PaddedFFN(torch.autograd.Function):
+    """The "padded" path: every expert's rows in one (E, C, d) buffer, C = the largest expert's
+    rows (the rest zero), so each matmul is ONE bmm over all experts and the activation one call:
+    about a dozen operations per direction whatever E is, against ~7 per expert for "fused".
+    slot (A,): the buffer row of each expert-sorted assignment (expert · C + its rank there).
+
+    Forward: xp[slot] = x[token_s];  h = xp @ w_in;  a = act(h);  y = a @ w_down;
+             out.index_add_(token_s, weight · y[slot]).
+    Padding rows stay exactly zero in xp, h, a, and in the backward's gradients, so they add
+    nothing to any weight gradient. Saved: xp, h, a, silu(gate) and the unscaled y[slot].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_s, w_in, w_down, token_s, slot, C, activation):
+        E, d, width = w_in.shape
+        hid = w_down.shape[1]
+        xp = x.new_zeros(E * C, d)
+        xp.index_copy_(0, slot, x.index_select(0, token_s))
+        h = torch.bmm(xp.view(E, C, d), w_in)  # (E, C, width)
+        hf = h.view(E * C, width)
+        if activation == "swiglu":
+            sg = F.silu(hf[:, :hid])
+            act = sg * hf[:, hid:]
+        else:
+            sg, act = None, _act(hf, activation, hid)
+        y = torch.bmm(act.view(E, C, hid), w_down).view(E * C, d).index_select(0, slot)  # (A, d)
+        out = torch.zeros_like(x).index_add_(0, token_s, y * weight_s[:, None].to(y.dtype))
+        ctx.activation, ctx.C = activation, C
+        ctx.save_for_backward(xp, weight_s, w_in, w_down, token_s, slot, h, act, sg, y)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xp, weight_s, w_in, w_down, token_s, slot, h, act, sg, y = ctx.saved_tensors
+        need_x, need_w, need_win, need_wd = ctx.needs_input_grad[:4]
+        E, d, width = w_in.shape
+        hid, C = w_down.shape[1], ctx.C
+        gb = g.contiguous().index_select(0, token_s)  # (A, d)
+        dw = torch.linalg.vecdot(gb, y).to(weight_s.dtype) if need_w else None
+        gb.mul_(weight_s[:, None].to(gb.dtype))  # now dL/dy
+        gp = gb.new_zeros(E * C, d).index_copy_(0, slot, gb).view(E, C, d)
+        dwd = torch.bmm(act.view(E, C, hid).transpose(1, 2), gp) if need_wd else None
+        dx = dwin = None
+        if need_x or need_win:
+            da = torch.bmm(gp, w_down.transpose(1, 2)).view(E * C, hid)
+            dh = _act_backward(h.view(E * C, width), da, ctx.activation, hid, sg).view(E, C, width)
+            if need_win:
+                dwin = torch.bmm(xp.view(E, C, d).transpose(1, 2), dh)
+            if need_x:
+                dxp = torch.bmm(dh, w_in.transpose(1, 2)).view(E * C, d)
+                dx = torch.zeros_like(g).index_add_(0, token_s, dxp.index_select(0, slot))
+        return dx, dw, dwin, dwd, None, None, None, None
 
 
 def _grouped_path(x, token_s, weight_s, counts, w_in, w_down, activation) -> torch.Tensor:

@@ -71,6 +71,7 @@ class Experts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, hidden: int, activation: str, std: float, down_std: float):
         super().__init__()
         self.n_experts, self.d_model, self.hidden, self.activation = n_experts, d_model, hidden, activation
+        self.last_path: str | None = None  # the dispatch path of the last forward (dispatch.moe_ffn sets it)
         width = 2 * hidden if activation == "swiglu" else hidden
         w_in = nn.Parameter(torch.empty(n_experts, d_model, width))
         if activation == "swiglu":

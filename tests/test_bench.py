@@ -1,0 +1,120 @@
+"""The benchmarks' harness (never their timings): busy-loop processes are gone however
+bench_layer ends, and the gpu-check script's dry run works on a CPU machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_lm import bench
+from moe_lm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too (nobody reaped it yet); busy_loops reaps its own, so none should be left
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_busy_loops_run_during_the_block_and_are_gone_after_it():
+    with bench.busy_loops(2) as pids:
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
+
+
+def test_busy_loops_are_stopped_when_the_block_raises():
+    with pytest.raises(RuntimeError):
+        with bench.busy_loops(1) as pids:
+            raise RuntimeError("boom")
+    assert pids and not any(alive(p) for p in pids)
+
+
+def test_bench_layer_with_a_busy_loop_leaves_no_process_behind():
+    r = bench.bench_layer(d_model=16, tokens=64, experts=4, top_k=2, repeats=1, warmup=0, hf=False, busy=1)
+    assert r["busy"] == 1 and len(r["busy_pids"]) == 1
+    assert not alive(r["busy_pids"][0])
+
+
+def test_bench_layer_that_raises_leaves_no_busy_process_behind(monkeypatch):
+    started = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*a, **kw):
+        p = real_popen(*a, **kw)
+        started.append(p.pid)
+        return p
+
+    monkeypatch.setattr(bench.subprocess, "Popen", recording_popen)
+
+    def broken_peak(*a, **kw):  # fails inside the busy block, after the timing
+        raise RuntimeError("measurement failed")
+
+    monkeypatch.setattr(bench, "measure_peak", broken_peak)
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        bench.bench_layer(d_model=16, tokens=64, experts=4, top_k=2, repeats=1, warmup=0, hf=False, busy=1)
+    assert len(started) == 1 and not alive(started[0])
+
+
+def test_busy_loops_stop_on_sigterm():
+    """A benchmark process killed with SIGTERM takes its busy loops with it."""
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from moe_lm.bench import busy_loops\n"
+            "with busy_loops(1) as pids:\n"
+            "    print(pids[0], flush=True)\n"
+            "    time.sleep(60)\n") % str(ROOT)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(p.stdout.readline())
+    assert alive(pid)
+    p.terminate()
+    p.wait(timeout=30)
+    deadline = time.time() + 10
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def test_bench_layer_refuses_a_negative_busy_count_and_an_unknown_path():
+    with pytest.raises(ConfigError):
+        bench.bench_layer(d_model=16, tokens=64, experts=4, top_k=2, repeats=1, hf=False, busy=-1)
+    with pytest.raises(ConfigError):
+        bench.bench_layer(d_model=16, tokens=64, experts=4, top_k=2, repeats=1, hf=False, also_paths=("nope",))
+
+
+def test_bench_layer_times_forced_paths_beside_the_default():
+    r = bench.bench_layer(d_model=16, tokens=64, experts=4, top_k=2, repeats=1, warmup=0, hf=False,
+                          also_paths=("fused", "padded"))
+    assert set(r["paths"]) == {"fused", "padded"} and r["dispatch"] in ("fused", "padded")
+
+
+def test_gpu_check_dry_run_prints_the_plan_and_exits_0(tmp_path):
+    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for what in ("pytest -m cuda", "bench_layer.py --device cuda --dtype bfloat16", "configs/small-moe.yaml",
+                 "torch.distributed.run --standalone --nproc_per_node=2", "compare-dense"):
+        assert what in p.stdout, what
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_gpu_check_plan_fits_its_time_budget_and_drops_torchrun_on_one_gpu(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert sum(s.budget_s for s in gpu_check.plan(tmp_path, None)) <= 480
+    one = [s.name for s in gpu_check.plan(tmp_path, 1)]
+    assert not any("torchrun" in n for n in one) and len(one) == len(gpu_check.plan(tmp_path, 2)) - 1
