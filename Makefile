@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install, prepare the built-in corpus, train tiny-moe, evaluate it, compare with dense
+#   make demo   install, prepare the built-in corpus for tiny-moe, train it, evaluate it (and its
+#               routing page), compare with its dense twin over 3 seeds
 #   make test   install (and headless Chromium for the routing page test, if missing), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,9 +25,9 @@ install: $(VENV)/.installed
 # that `train` just wrote as its first MoE seed (--reuse-moe) and reuses the runs it already
 # finished, so a second `make demo` only redoes prepare, train and eval.
 demo: install
-	$(MOE) prepare --overwrite
+	$(MOE) prepare --config configs/tiny-moe.yaml --overwrite
 	$(MOE) train --config configs/tiny-moe.yaml --overwrite
-	$(MOE) eval runs/tiny-moe --all
+	$(MOE) eval runs/tiny-moe --all --html
 	$(MOE) compare-dense --config configs/tiny-moe.yaml --seeds 3 --reuse-moe runs/tiny-moe
 
 # The routing page's test opens it in headless Chromium: Debian's package is installed when it is
@@ -49,4 +50,4 @@ gpu-check: install
 	$(PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) runs data/builtin
+	rm -rf $(VENV) runs data/builtin data/builtin-2k
