@@ -1,4 +1,5 @@
-"""Auxiliary router losses, each computed for ONE MoE layer (the model averages them over layers).
+"""Auxiliary router losses, each computed for ONE MoE layer; the model sums the layers' losses, each
+times its coefficient (the papers' convention: a coefficient is per layer).
 
 NOTE: per layer on purpose. Pooling the loads of all layers before the loss scores "balanced"
 when layer 1 sends everything to expert 0 and layer 2 everything to expert 1.

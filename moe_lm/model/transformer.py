@@ -31,8 +31,11 @@ from .moe import FeedForward, MoELayer, MoEStats
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: Optional[torch.Tensor]  # mean cross-entropy, or None without targets
-    aux_loss: torch.Tensor  # balance loss, coefficient applied, mean over MoE layers (0 if none)
-    z_loss: torch.Tensor  # router z-loss, coefficient applied, mean over MoE layers (0 if none)
+    # The papers' convention (Shazeer 2017's w, Switch's 0.01, ST-MoE's z-loss 0.001; tensor2tensor
+    # and mesh-tensorflow add the layers' losses): each MoE layer's loss times the coefficient,
+    # SUMMED over the MoE layers - so a coefficient copied from a paper means what it meant there.
+    aux_loss: torch.Tensor  # Σ over MoE layers of balance_coef · that layer's balance loss (0 if none)
+    z_loss: torch.Tensor  # Σ over MoE layers of z_loss_coef · that layer's router z-loss (0 if none)
     moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
 
 
@@ -186,8 +189,8 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         if stats:
-            aux = torch.stack([s.balance_loss for s in stats]).mean()
-            z = torch.stack([s.z_loss for s in stats]).mean()
+            aux = torch.stack([s.balance_loss for s in stats]).sum()  # per-layer coefficients, summed
+            z = torch.stack([s.z_loss for s in stats]).sum()
         else:
             aux = z = logits.new_zeros((), dtype=torch.float32)
         return ModelOutput(logits, loss, aux, z, stats)
