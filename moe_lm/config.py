@@ -44,7 +44,9 @@ class MoEConfig:
     every: int = 1  # block i is MoE when i % every == every - 1
     router: str = "softmax_topk"  # one of ROUTERS
     n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each ffn_hidden wide
-    capacity_factor: Optional[float] = None  # null = dropless; C = ceil(cf * T * k / E)
+    # null = dropless; else each expert keeps at most C = ceil(cf * seq_len * k / E) assignments PER
+    # SEQUENCE, the earliest positions first (causal); expert_choice: C = ceil(cf * T / E) over the batch
+    capacity_factor: Optional[float] = None
     balance_loss: str = "switch"  # one of BALANCE_LOSSES
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0  # ST-MoE router z-loss

@@ -222,3 +222,62 @@ def test_expert_choice_leaks_later_tokens_into_earlier_outputs():
     y_a, _ = layer(x)
     y_b, _ = layer(later)
     assert not torch.allclose(y_a[0, 0], y_b[0, 0])  # position 0 changed because of positions 4..7
+
+
+# ---------------------------------------------------------------------------------------------
+# capacity limits are causal too
+
+
+def capacity_model(router: str, cf: float) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=32,
+                      moe=moe_cfg(router, n_experts=4, capacity_factor=cf))
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            for p in layer.router.parameters():
+                p.normal_(std=1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cf", [1.25, 0.5])
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+def test_capacity_drops_are_causal_later_tokens_never_change_earlier_logits(router, cf):
+    """Issue 14 case 1: with the capacity chosen by score over the whole batch, changing positions
+    16-31 moved the logits at positions <= 15 by 2.3e-3 (switch, cf 1.25). The drops now go by
+    position within each sequence: earlier positions are bit-for-bit unchanged, and so are the
+    other sequences of the batch."""
+    model = capacity_model(router, cf)
+    idx = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[0, 16:] = (changed[0, 16:] + 7) % 50
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert max(float(s.dropped_frac) for s in a.moe_stats) > 0  # the limit does drop assignments
+    assert (a.logits[0, :16] - b.logits[0, :16]).abs().max().item() == 0.0
+    assert torch.equal(a.logits[1:], b.logits[1:])  # capacity is per sequence
+    assert not torch.allclose(a.logits[0, 16:], b.logits[0, 16:])
+
+
+def test_capacity_is_per_sequence_first_come_first_kept_against_a_hand_count():
+    """The rule by hand: expert e keeps an assignment of sequence b at position t when fewer than C
+    assignments of b at positions < t went to e."""
+    from moe_lm.model.moe import capacity_keep
+
+    g = torch.Generator().manual_seed(0)
+    B, T, E, k, C = 3, 10, 4, 2, 3
+    expert = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(B * T)]).reshape(-1)
+    token = torch.arange(B * T).repeat_interleave(k)
+    keep, kept = capacity_keep(token, expert, E, B, T, C)
+    seen = {}
+    for a in range(token.numel()):
+        key = (int(token[a]) // T, int(expert[a]))
+        want = seen.get(key, 0) < C
+        seen[key] = seen.get(key, 0) + want
+        assert bool(keep[a]) == want
+    assert kept.tolist() == [[seen.get((b, e), 0) for e in range(E)] for b in range(B)]
+    # sequence 0 in two calls (positions 0-3, then 4-9, as under a KV cache): the counts carry over
+    one = token < T
+    k1, c1 = capacity_keep(token[one & (token % T < 4)], expert[one & (token % T < 4)], E, 1, T, C)
+    k2, c2 = capacity_keep(token[one & (token % T >= 4)], expert[one & (token % T >= 4)], E, 1, T, C, c1)
+    assert torch.equal(torch.cat([k1, k2]), keep[one]) and torch.equal(c2, kept[:1])

@@ -117,25 +117,44 @@ class MoEStats:
     z_loss: torch.Tensor
 
 
-def capacity_keep(expert: torch.Tensor, score: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
-    """(A,) bool: True for the assignments an expert keeps when it takes at most `capacity` of them,
-    preferring the highest router score; ties keep the earlier assignment."""
-    by_score = torch.argsort(score, descending=True, stable=True)
-    perm = by_score[torch.argsort(expert[by_score], stable=True)]  # by expert, then by score desc
-    counts = torch.bincount(expert, minlength=n_experts)
+def capacity_keep(token: torch.Tensor, expert: torch.Tensor, n_experts: int, n_seqs: int, seq_len: int,
+                  capacity: int, kept_before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal capacity: which assignments the experts keep, PER SEQUENCE, BY POSITION.
+
+    Rows `token` index a (n_seqs, seq_len) batch flattened sequence-major. Expert e keeps an
+    assignment at position t of sequence b when fewer than `capacity` assignments of that sequence at
+    positions < t (plus `kept_before[b, e]`, those of earlier forwards under a KV cache) went to e:
+    the first `capacity` in position order are kept, the later ones dropped. So whether token t is
+    dropped depends only on tokens at positions <= t of its own sequence - never on later tokens or
+    on other sequences of the batch (mesh-tensorflow's position-ordered dispatch; a score-ordered
+    choice over the batch would let the future decide). One stable sort, no loop.
+
+    Returns (keep (A,) bool, kept (n_seqs, E) int64 = kept_before + what this forward kept).
+    """
+    seq, pos = token // seq_len, token % seq_len
+    group = seq * n_experts + expert  # (sequence, expert)
+    order = torch.argsort(group * seq_len + pos)  # by sequence and expert, then position (unique keys)
+    counts = torch.bincount(group, minlength=n_seqs * n_experts)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(expert.numel(), device=expert.device) - starts[expert[perm]]
-    keep = torch.empty_like(expert, dtype=torch.bool)
-    keep[perm] = rank < capacity
-    return keep
+    g = group[order]
+    rank = torch.arange(token.numel(), device=token.device) - starts[g]  # earlier assignments to e
+    if kept_before is not None:
+        rank = rank + kept_before.reshape(-1)[g]
+    keep = torch.empty_like(token, dtype=torch.bool)
+    keep[order] = rank < capacity
+    kept = torch.bincount(group[keep], minlength=n_seqs * n_experts).view(n_seqs, n_experts)
+    return keep, kept if kept_before is None else kept_before + kept
 
 
 class MoELayer(nn.Module):
     """Router + stacked experts (+ always-on shared experts), dispatch and combine."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str, cfg: MoEConfig, std: float, down_std: float):
+    def __init__(self, d_model: int, hidden: int, activation: str, cfg: MoEConfig, std: float, down_std: float,
+                 seq_len: int | None = None):
         super().__init__()
         self.cfg = cfg
+        # the model's training sequence length: the capacity per sequence (None = each forward's T)
+        self.seq_len = seq_len
         self.n_experts = cfg.n_experts
         router_cls = ROUTERS[cfg.router]
         self.router = router_cls(d_model, cfg, init_std=std)
@@ -156,22 +175,36 @@ class MoELayer(nn.Module):
         self.experts.keep(ep.first, ep.n_local)
         self.expert_parallel = ep
 
-    def capacity(self, n_tokens: int) -> int | None:
+    def capacity(self, seq_len: int) -> int | None:
+        """Token-choice capacity limit PER SEQUENCE: C = ceil(cf · L · k / E) assignments per expert
+        and sequence, L = the model's training seq_len (so a prefix is routed as in training, whatever
+        the length of the forward), or the forward's T for a layer built without one. None =
+        dropless (and for expert choice, whose capacity is its own)."""
         cf = self.cfg.capacity_factor
         if cf is None or isinstance(self.router, ExpertChoice):
             return None
-        return math.ceil(cf * n_tokens * self.cfg.top_k / self.n_experts)
+        L = self.seq_len if self.seq_len is not None else seq_len
+        return math.ceil(cf * L * self.cfg.top_k / self.n_experts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> tuple[torch.Tensor, MoEStats]:
+        """x (B, T, d) (or (T, d): one sequence) -> y of x's shape, MoEStats.
+
+        With a capacity limit, drops are causal (see `capacity_keep`); under a KV cache
+        (`cache.moe_kept[layer]`) the counts of earlier forwards carry over, so cached generation
+        drops exactly what recomputing the whole sequence drops."""
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (T, d), T = all tokens of the batch
+        n_seqs, T = (shape[0], shape[1]) if x.dim() == 3 else (1, shape[0])
+        x = x.reshape(-1, shape[-1])  # (n_seqs·T, d), sequence-major
         r: Routing = self.router(x)
         token, expert, weight = r.token, r.expert, r.weight
         n_assigned = token.numel()
-        cap = self.capacity(x.shape[0])
+        cap = self.capacity(T)
         if cap is not None:
+            before = cache.moe_kept.get(layer) if cache is not None else None
             # NOTE: boolean indexing syncs with the device once; only with a capacity limit.
-            keep = capacity_keep(expert, r.score, self.n_experts, cap)
+            keep, kept = capacity_keep(token, expert, self.n_experts, n_seqs, T, cap, before)
+            if cache is not None:
+                cache.moe_kept[layer] = kept
             token, expert, weight = token[keep], expert[keep], weight[keep]
         if self.record:
             self.last_assignments = (token.detach(), expert.detach())  # token indexes x's (T, d) rows

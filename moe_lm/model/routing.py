@@ -31,8 +31,8 @@ class Routing:
     """A router's decision for one batch of T tokens over E experts.
 
     token, expert: (A,) int64; weight: (A,) float32, differentiable (the gate value that scales
-    the expert's output). score: (A,) float32, detached - the priority used when a capacity limit
-    drops assignments (lowest first). logits: (T, E) float32 clean router logits (z-loss).
+    the expert's output). score: (A,) float32, detached - the router's score of the assignment
+    (capacity limits do not rank by it: they keep the earliest positions, moe.capacity_keep). logits: (T, E) float32 clean router logits (z-loss).
     probs: (T, E) float32, rows summing to 1 (Switch f·P loss, entropy). noisy_logits and
     noise_std: (T, E), only from noisy_topk (Shazeer's smooth load estimator).
     """

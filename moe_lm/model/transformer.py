@@ -80,11 +80,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Past keys and values per layer, for incremental decoding. `pos` = tokens seen so far."""
+    """Past keys and values per layer, for incremental decoding. `pos` = tokens seen so far;
+    `moe_kept`: the causal capacity counts of MoE layers that have a capacity limit."""
 
     def __init__(self, n_layers: int):
         self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * n_layers
         self.pos = 0
+        # MoE layers with a capacity limit: (B, E) assignments kept so far per sequence and expert
+        self.moe_kept: dict[int, torch.Tensor] = {}
 
 
 class Attention(nn.Module):
@@ -136,7 +139,8 @@ class Block(nn.Module):
         moe = cfg.moe
         self.is_moe = moe is not None and layer % moe.every == moe.every - 1
         if self.is_moe:
-            self.mlp: nn.Module = MoELayer(cfg.d_model, cfg.ffn_hidden, cfg.activation, moe, std, out_std)
+            self.mlp: nn.Module = MoELayer(cfg.d_model, cfg.ffn_hidden, cfg.activation, moe, std, out_std,
+                                           seq_len=cfg.seq_len)
         else:
             self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.activation, std, out_std)
 
@@ -144,7 +148,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, stats = self.mlp(h)
+            y, stats = self.mlp(h, cache, layer)
             return x + y, stats
         return x + self.mlp(h), None
 
