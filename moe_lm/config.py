@@ -250,6 +250,10 @@ def validate(cfg: Config) -> None:
         _check(e.n_experts >= 1, "model.moe.n_experts", e.n_experts, "must be ≥ 1")
         _check(1 <= e.top_k <= e.n_experts, "model.moe.top_k", e.top_k,
                f"must be between 1 and model.moe.n_experts ({e.n_experts})")
+        _check(e.router != "noisy_topk" or e.top_k > 1 or (e.balance_loss != "none" and e.balance_coef > 0),
+               "model.moe.top_k", e.top_k, "noisy_topk with top_k=1 gates every token by a softmax over one "
+               "value (= 1), so its router learns only through a balance loss and here there is none: use "
+               "top_k >= 2, a balance loss (model.moe.balance_loss=shazeer), or the switch router")
         _check(e.router != "switch" or e.top_k == 1, "model.moe.top_k", e.top_k,
                "the switch router sends each token to exactly 1 expert: set top_k=1")
         _check(1 <= e.every <= m.n_layers, "model.moe.every", e.every,

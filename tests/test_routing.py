@@ -281,3 +281,46 @@ def test_capacity_is_per_sequence_first_come_first_kept_against_a_hand_count():
     k1, c1 = capacity_keep(token[one & (token % T < 4)], expert[one & (token % T < 4)], E, 1, T, C)
     k2, c2 = capacity_keep(token[one & (token % T >= 4)], expert[one & (token % T >= 4)], E, 1, T, C, c1)
     assert torch.equal(torch.cat([k1, k2]), keep[one]) and torch.equal(c2, kept[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# every router learns from the model's loss at every top_k it accepts
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_every_router_at_every_top_k_gets_a_real_gradient_from_the_lm_loss_or_is_refused(router, top_k):
+    """Issue 14 case 2: sigmoid_bias at top_k 1 renormalised its one weight to exactly 1, and its
+    router got ~1e-8 of gradient from the LM loss (0.43 at top_k 2). With the balance loss and the
+    z-loss off, the router's weights must get a real gradient from the cross-entropy alone - or the
+    config is refused (noisy_topk at top_k 1: the paper's gate is a softmax over one value)."""
+    from moe_lm.config import Config, validate
+    from moe_lm.errors import ConfigError
+
+    if router == "switch" and top_k == 2:
+        pytest.skip("switch is top-1 by definition (top_k=2 is a config error)")
+    moe = MoEConfig(n_experts=4, top_k=top_k, router=router, balance_loss="none", balance_coef=0.0,
+                    z_loss_coef=0.0, capacity_factor=2.0 if router == "expert_choice" else None)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=16, moe=moe)
+    if router == "noisy_topk" and top_k == 1:
+        with pytest.raises(ConfigError, match="top_k=1"):
+            validate(Config(model=cfg))
+        with warnings.catch_warnings(record=True) as caught:  # with a balance loss: allowed, warned
+            warnings.simplefilter("always")
+            validate(Config(model=ModelConfig(**{**cfg.__dict__, "moe": MoEConfig(
+                n_experts=4, top_k=1, router=router, balance_loss="shazeer", balance_coef=0.01)})))
+            NoisyTopK(32, MoEConfig(n_experts=4, top_k=1, router=router))
+        assert any("learns only through" in str(w.message) for w in caught)
+        return
+    validate(Config(model=cfg))
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = model(idx, idx.roll(-1, 1))
+    assert float(out.aux_loss) == 0 and float(out.z_loss) == 0
+    out.loss.backward()
+    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
+    for layer in model.moe_layers():
+        gate = layer.router.w_gate if router == "noisy_topk" else layer.router.weight
+        rel = (gate.grad.norm() / total).item()
+        assert rel > 1e-5, f"router gradient {rel:.2e} of the total"  # main: sigmoid_bias k=1 1e-11

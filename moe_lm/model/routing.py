@@ -113,7 +113,9 @@ class NoisyTopK(nn.Module):
     noise (softplus(0) = 0.69) and learns from there.
 
     NOTE: with k = 1 the paper's gate is softmax over one value = 1: the router then learns only
-    through the load loss (a warning says so); the paper used k >= 2.
+    through the balance loss (a warning says so, and config validation refuses k = 1 without a
+    balance loss, where it would not learn at all); the paper used k >= 2. Every other router gives
+    its weights a gradient from the model's loss at every top_k (tests/test_routing.py).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
@@ -188,7 +190,9 @@ class ExpertChoice(nn.Module):
 
 class SigmoidBias(nn.Module):
     """DeepSeek-V3 aux-loss-free balancing: s = sigmoid(x W^T); choose the top k of s + bias; the
-    weights are the chosen s renormalised to sum to 1. `bias` is a buffer, moved outside autograd by
+    weights are the chosen s renormalised to sum to 1 for top_k > 1, and the raw s for top_k = 1
+    (one value renormalised is exactly 1: the router would get no gradient from the model's loss -
+    the same rule as softmax_topk and switch at k = 1). `bias` is a buffer, moved outside autograd by
     `update_bias()` after each optimizer step: bias_i += rate · sign(mean load - load_i), with the
     load counted since the previous update - it steers which experts are chosen, never the weights.
 
@@ -210,7 +214,7 @@ class SigmoidBias(nn.Module):
         s = torch.sigmoid(logits)  # (T, E)
         _, top_idx = (s + self.bias).topk(self.top_k, dim=-1)
         top_s = s.gather(1, top_idx)
-        weight = top_s / top_s.sum(dim=-1, keepdim=True)
+        weight = top_s / top_s.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_s
         if self.training:
             self.load_since_update += torch.bincount(top_idx.reshape(-1), minlength=self.n_experts).to(self.bias.dtype)
         probs = s / s.sum(dim=-1, keepdim=True)
