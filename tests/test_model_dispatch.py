@@ -73,7 +73,7 @@ class MaskedRouter(torch.nn.Module):
         self.inner, self.allowed = router, allowed
         self.weight = router.weight
 
-    def forward(self, x):
+    def forward(self, x, pos=None):
         from moe_lm.model.routing import Routing
 
         logits = x.float() @ self.weight.t()

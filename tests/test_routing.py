@@ -324,3 +324,42 @@ def test_every_router_at_every_top_k_gets_a_real_gradient_from_the_lm_loss_or_is
         gate = layer.router.w_gate if router == "noisy_topk" else layer.router.weight
         rel = (gate.grad.norm() / total).item()
         assert rel > 1e-5, f"router gradient {rel:.2e} of the total"  # main: sigmoid_bias k=1 1e-11
+
+
+# ---------------------------------------------------------------------------------------------
+# ties at an untrained router are broken fairly
+
+
+def test_fair_topk_ranks_unequal_scores_as_torch_topk_and_spreads_exact_ties_by_position():
+    from moe_lm.model.routing import fair_topk
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 8, generator=g)
+    s[:5] = -s[:5].abs()  # negative scores keep their order too
+    v, i = fair_topk(s, 3)
+    ref = torch.topk(s, 3)
+    assert torch.equal(i, ref.indices) and torch.equal(v, ref.values)
+    ties = torch.zeros(16, 8)
+    _, i = fair_topk(ties, 2, torch.arange(16))
+    assert i.tolist() == [[p % 8, (p + 1) % 8] for p in range(16)]
+    mixed = torch.tensor([[0.5, 0.2, 0.5, 0.5]])  # a tie among 0, 2, 3 only: expert 1 is never preferred
+    assert fair_topk(mixed, 2, torch.tensor([1]))[1].tolist() == [[2, 3]]
+    assert fair_topk(mixed, 2, torch.tensor([3]))[1].tolist() == [[3, 0]]
+
+
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+def test_an_untrained_router_with_tied_scores_spreads_the_load(router):
+    """Issue 14 case 17: noisy_topk starts at zero weights; at the step-0 evaluation (no noise)
+    every score tied and torch.topk sent every token to experts 0 and 1: max/mean 4.00."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=32,
+                      moe=moe_cfg(router, n_experts=8, top_k=2))
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            for p in layer.router.parameters():
+                p.zero_()  # every score ties (noisy_topk's own init)
+        out = model(torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(0)))
+    for s in out.moe_stats:
+        max_mean = (s.load.max() / s.load.mean()).item()
+        assert max_mean < 1.5, max_mean  # evenly spread: 1.0 (main: 4.0 at top-2 of 8, 8.0 at top-1)

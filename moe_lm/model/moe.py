@@ -195,7 +195,9 @@ class MoELayer(nn.Module):
         shape = x.shape
         n_seqs, T = (shape[0], shape[1]) if x.dim() == 3 else (1, shape[0])
         x = x.reshape(-1, shape[-1])  # (n_seqs·T, d), sequence-major
-        r: Routing = self.router(x)
+        start = cache.pos if cache is not None else 0
+        pos = torch.arange(start, start + T, device=x.device).repeat(n_seqs)  # each row's position (ties)
+        r: Routing = self.router(x, pos)
         token, expert, weight = r.token, r.expert, r.weight
         n_assigned = token.numel()
         cap = self.capacity(T)
