@@ -107,6 +107,8 @@ class MoEStats:
         choice, the share of tokens that no expert took.
     entropy: mean router entropy (nats) of the router's probabilities.
     balance_loss, z_loss: this layer's losses, coefficient applied (differentiable).
+    balance_stats: only while `MoELayer.measure_balance` is set (the trainer's gradient-accumulation
+        pre-pass): this forward's balance statistics (losses.balance_stats), detached; else None.
     """
 
     load: torch.Tensor
@@ -115,6 +117,7 @@ class MoEStats:
     entropy: torch.Tensor
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
+    balance_stats: torch.Tensor | None = None
 
 
 def capacity_keep(token: torch.Tensor, expert: torch.Tensor, n_experts: int, n_seqs: int, seq_len: int,
@@ -169,6 +172,15 @@ class MoELayer(nn.Module):
         # that makes balance losses see the global batch, and this rank's share of the experts
         self.sum_over_ranks = None
         self.expert_parallel = None
+        # gradient accumulation (training.trainer.accumulate_gradients): the step's other
+        # micro-batches' balance statistics, a constant added to this forward's, so the balance loss
+        # is the whole batch's; and the pre-pass flag that makes MoEStats carry the statistics
+        self.balance_rest: torch.Tensor | None = None
+        self.measure_balance = False
+
+    @property
+    def has_balance_loss(self) -> bool:
+        return self.cfg.balance_loss != "none" and self.cfg.balance_coef > 0
 
     def shard_experts(self, ep) -> None:
         """Hold experts [ep.first, ep.first + ep.n_local) of n_experts (a distributed.ExpertParallel)."""
@@ -232,7 +244,11 @@ class MoELayer(nn.Module):
                 dropped = torch.tensor(1.0 - kept_expert.numel() / max(n_assigned, 1), device=load.device)
             ent = losses.entropy(r.probs)
         zero = r.logits.new_zeros(())
-        bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E, self.sum_over_ranks)
-               if cfg.balance_loss != "none" and cfg.balance_coef > 0 else zero)
+        if self.measure_balance and self.has_balance_loss:  # the pre-pass: statistics, no loss
+            st = losses.balance_stats(cfg.balance_loss, r, E).detach()
+            return MoEStats(load, imp, dropped, ent, zero, zero, st)
+        bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E, self.sum_over_ranks,
+                                                      self.balance_rest)
+               if self.has_balance_loss else zero)
         z = cfg.z_loss_coef * losses.z_loss(r.logits) if cfg.z_loss_coef > 0 else zero
         return MoEStats(load, imp, dropped, ent, bal, z)
