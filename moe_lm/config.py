@@ -54,7 +54,9 @@ class MoEConfig:
     every: int = 1  # block i is MoE when i % every == every - 1
     router: str = "softmax_topk"  # one of ROUTERS
     n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each ffn_hidden wide
-    capacity_factor: Optional[float] = None  # null = dropless; C = ceil(cf * T * k / E)
+    # null = dropless; else each expert keeps at most C = ceil(cf * seq_len * k / E) assignments PER
+    # SEQUENCE, the earliest positions first (causal); expert_choice: C = ceil(cf * T / E) over the batch
+    capacity_factor: Optional[float] = None
     balance_loss: str = "switch"  # one of BALANCE_LOSSES
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
@@ -81,7 +83,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (the global batch)
-    grad_accum: int = 1  # micro-batches per step; each holds batch_size / grad_accum sequences
+    # micro-batches per step; each holds batch_size / grad_accum sequences. Changes memory use (and,
+    # with a balance loss, adds one no-gradient forward per step), not the data, losses or gradient:
+    # balance statistics stay the whole batch's (training.trainer.accumulate_gradients)
+    grad_accum: int = 1
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
@@ -332,6 +337,10 @@ def validate(cfg: Config) -> None:
         _check(e.router in ROUTERS, "model.moe.router", e.router, f"allowed: {' | '.join(ROUTERS)}")
         _check(1 <= e.top_k <= e.n_experts, "model.moe.top_k", e.top_k,
                f"must be between 1 and model.moe.n_experts ({e.n_experts})")
+        _check(e.router != "noisy_topk" or e.top_k > 1 or (e.balance_loss != "none" and e.balance_coef > 0),
+               "model.moe.top_k", e.top_k, "noisy_topk with top_k=1 gates every token by a softmax over one "
+               "value (= 1), so its router learns only through a balance loss and here there is none: use "
+               "top_k >= 2, a balance loss (model.moe.balance_loss=shazeer), or the switch router")
         _check(e.router != "switch" or e.top_k == 1, "model.moe.top_k", e.top_k,
                "the switch router sends each token to exactly 1 expert: set top_k=1")
         _check(1 <= e.every <= m.n_layers, "model.moe.every", e.every,

@@ -115,13 +115,23 @@ def hf_target(cfg: ModelConfig) -> HFTarget:
     if renormalised and moe.n_shared_experts == 0 and moe.every == 1:
         return HFTarget("MixtralForCausalLM", "mixtral", dict(
             common, num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k, router_jitter_noise=0.0,
-            sliding_window=None, output_router_logits=False, router_aux_loss_coef=moe.balance_coef))
+            sliding_window=None, output_router_logits=False, router_aux_loss_coef=hf_aux_coef(cfg)))
     return HFTarget("Qwen2MoeForCausalLM", "qwen2_moe", dict(
         common, num_experts=moe.n_experts, num_experts_per_tok=moe.top_k, norm_topk_prob=renormalised,
         moe_intermediate_size=cfg.ffn_hidden, shared_expert_intermediate_size=moe.n_shared_experts * cfg.ffn_hidden,
         decoder_sparse_step=moe.every, mlp_only_layers=[], qkv_bias=False, use_sliding_window=False,
         sliding_window=None, max_window_layers=cfg.n_layers, output_router_logits=False,
-        router_aux_loss_coef=moe.balance_coef))
+        router_aux_loss_coef=hf_aux_coef(cfg)))
+
+
+def hf_aux_coef(cfg: ModelConfig) -> float:
+    """transformers' router_aux_loss_coef for our balance_coef. Ours is per MoE layer, the layers'
+    losses summed; transformers computes ONE loss over all layers' router logits pooled (about the
+    mean of the layers' losses) and multiplies it by its coefficient - so the same total weight is
+    balance_coef x the number of MoE layers. Only fine-tuning with output_router_logits reads it."""
+    moe = cfg.moe
+    n_moe = sum(1 for i in range(cfg.n_layers) if i % moe.every == moe.every - 1)
+    return moe.balance_coef * n_moe
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@
 
 With the cache, the prompt is run once and each new token costs one position's forward (its
 attention reads the cached keys/values); without it (`use_cache=False`, for benchmarks and as the
-reference in tests) every step recomputes the whole sequence. For token-choice dropless routers
-the two give the same tokens. expert_choice and capacity limits route a token depending on the
-other tokens of the same forward, so there cached and recomputed generation differ (and both
-differ from training, where the forward held a whole batch).
+reference in tests) every step recomputes the whole sequence. For token-choice routers the two give
+the same tokens, with or without a capacity limit (capacity is causal, per sequence, by position,
+and the cache carries the per-expert counts). expert_choice routes a token depending on the other
+tokens of the same forward, so there cached and recomputed generation differ (and both differ from
+training, where the forward held a whole batch).
 
 Sampling: temperature 0 = greedy (argmax); otherwise logits / temperature, then keep the top_k
 most likely tokens, then the smallest set whose probability reaches top_p, and draw from a

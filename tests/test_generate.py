@@ -49,8 +49,11 @@ def model_of(moe: MoEConfig | None) -> Transformer:
 
 @pytest.mark.parametrize("moe", [None, MoEConfig(n_experts=4, top_k=2), MoEConfig(n_experts=4, top_k=1, router="switch"),
                                  MoEConfig(n_experts=4, top_k=2, router="noisy_topk", balance_loss="shazeer"),
-                                 MoEConfig(n_experts=4, top_k=2, n_shared_experts=1, every=2)],
-                         ids=["dense", "softmax_topk", "switch", "noisy_topk", "shared+every2"])
+                                 MoEConfig(n_experts=4, top_k=2, n_shared_experts=1, every=2),
+                                 MoEConfig(n_experts=4, top_k=1, router="switch", capacity_factor=0.5),
+                                 MoEConfig(n_experts=4, top_k=2, capacity_factor=0.75)],
+                         ids=["dense", "softmax_topk", "switch", "noisy_topk", "shared+every2", "switch-capacity",
+                              "softmax_topk-capacity"])
 def test_cached_generation_equals_uncached_recomputation(moe):
     model = model_of(moe)
     prompt = [5, 17, 3, 42, 8, 60, 2]

@@ -133,7 +133,7 @@ def collapsed_model(router: str, balance: str, experts_per_layer: list[int]) -> 
     E, d = 4, 32
     cfg = ModelConfig(vocab_size=40, d_model=d, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=16,
                       moe=MoEConfig(n_experts=E, top_k=2 if router == "noisy_topk" else 1, router=router,
-                                    balance_loss=balance, balance_coef=1.0))
+                                    balance_loss=balance, balance_coef=0.5))  # 2 layers, summed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Transformer(cfg)
@@ -175,7 +175,9 @@ def test_two_layers_collapsed_onto_different_experts_score_high_the_pooled_trap(
         assert 4 * (f * f).sum().item() == pytest.approx(2.0, rel=0.05)
 
 
-def test_model_losses_are_averages_of_the_layers_with_coefficients_applied():
+def test_model_losses_are_sums_over_the_layers_of_each_layers_loss_times_the_coefficient():
+    """The papers' convention (Shazeer's w, Switch's 0.01, tensor2tensor adds the layers' losses):
+    a coefficient is per layer, and the layers' losses are summed, not averaged."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, ffn_hidden=16, seq_len=16,
                       moe=MoEConfig(n_experts=4, top_k=2, balance_coef=0.5, z_loss_coef=0.25))
@@ -198,7 +200,11 @@ def test_model_losses_are_averages_of_the_layers_with_coefficients_applied():
         f = torch.bincount(top, minlength=4).float() / top.numel()
         bal.append(0.5 * 4 * (f * p.mean(0)).sum())
         z.append(0.25 * (torch.logsumexp(logits, -1) ** 2).mean())
-    torch.testing.assert_close(out.aux_loss, torch.stack(bal).mean())
-    torch.testing.assert_close(out.z_loss, torch.stack(z).mean())
+    # the hand sum: layer losses x coefficient, added (the mean would be a third of it)
+    torch.testing.assert_close(out.aux_loss, bal[0] + bal[1] + bal[2])
+    torch.testing.assert_close(out.z_loss, z[0] + z[1] + z[2])
+    for s, b, zz in zip(out.moe_stats, bal, z):
+        torch.testing.assert_close(s.balance_loss, b)
+        torch.testing.assert_close(s.z_loss, zz)
     for s in out.moe_stats:
         assert not s.load.requires_grad and s.balance_loss.requires_grad

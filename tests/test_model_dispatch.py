@@ -36,8 +36,8 @@ def expert_by_hand(x_row: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor
 def reference_layer(layer: MoELayer, x: torch.Tensor, capacity: int | None = None,
                     allowed: list[int] | None = None) -> torch.Tensor:
     """softmax top-k routing (Mixtral) and per-token, per-assignment expert calls, in Python.
-    capacity: each expert keeps its `capacity` assignments of highest router probability (ties: the
-    earlier token). allowed: experts the router may pick (others masked), to leave experts empty."""
+    capacity: each expert keeps its first `capacity` assignments in position order (x is one
+    sequence; causal capacity). allowed: experts the router may pick (others masked), to leave experts empty."""
     ex, k = layer.experts, layer.cfg.top_k
     logits = x @ layer.router.weight.t()
     if allowed is not None:
@@ -57,7 +57,7 @@ def reference_layer(layer: MoELayer, x: torch.Tensor, capacity: int | None = Non
         kept = []
         for e in range(layer.n_experts):
             mine = [c for c in chosen if c[1] == e]
-            mine.sort(key=lambda c: (-c[2], c[0]))
+            mine.sort(key=lambda c: c[0])  # by position: a token competes only with earlier ones
             kept += mine[:capacity]
         chosen = kept
     for t, e, _, w in chosen:
@@ -73,7 +73,7 @@ class MaskedRouter(torch.nn.Module):
         self.inner, self.allowed = router, allowed
         self.weight = router.weight
 
-    def forward(self, x):
+    def forward(self, x, pos=None):
         from moe_lm.model.routing import Routing
 
         logits = x.float() @ self.weight.t()
@@ -136,7 +136,7 @@ def test_dispatch_with_empty_experts(path):
 
 
 @pytest.mark.parametrize("path", dispatch.PATHS)
-def test_capacity_drops_the_lowest_probability_assignments_and_dropped_tokens_pass_through_zero(path):
+def test_capacity_drops_the_latest_assignments_and_dropped_tokens_pass_through_zero(path):
     cf = 0.5
     layer = make_layer("swiglu", E=4, k=2, cf=cf)
     layer.dispatch_path = path

@@ -222,3 +222,144 @@ def test_expert_choice_leaks_later_tokens_into_earlier_outputs():
     y_a, _ = layer(x)
     y_b, _ = layer(later)
     assert not torch.allclose(y_a[0, 0], y_b[0, 0])  # position 0 changed because of positions 4..7
+
+
+# ---------------------------------------------------------------------------------------------
+# capacity limits are causal too
+
+
+def capacity_model(router: str, cf: float) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=32,
+                      moe=moe_cfg(router, n_experts=4, capacity_factor=cf))
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            for p in layer.router.parameters():
+                p.normal_(std=1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cf", [1.25, 0.5])
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+def test_capacity_drops_are_causal_later_tokens_never_change_earlier_logits(router, cf):
+    """Issue 14 case 1: with the capacity chosen by score over the whole batch, changing positions
+    16-31 moved the logits at positions <= 15 by 2.3e-3 (switch, cf 1.25). The drops now go by
+    position within each sequence: earlier positions are bit-for-bit unchanged, and so are the
+    other sequences of the batch."""
+    model = capacity_model(router, cf)
+    idx = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[0, 16:] = (changed[0, 16:] + 7) % 50
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert max(float(s.dropped_frac) for s in a.moe_stats) > 0  # the limit does drop assignments
+    assert (a.logits[0, :16] - b.logits[0, :16]).abs().max().item() == 0.0
+    assert torch.equal(a.logits[1:], b.logits[1:])  # capacity is per sequence
+    assert not torch.allclose(a.logits[0, 16:], b.logits[0, 16:])
+
+
+def test_capacity_is_per_sequence_first_come_first_kept_against_a_hand_count():
+    """The rule by hand: expert e keeps an assignment of sequence b at position t when fewer than C
+    assignments of b at positions < t went to e."""
+    from moe_lm.model.moe import capacity_keep
+
+    g = torch.Generator().manual_seed(0)
+    B, T, E, k, C = 3, 10, 4, 2, 3
+    expert = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(B * T)]).reshape(-1)
+    token = torch.arange(B * T).repeat_interleave(k)
+    keep, kept = capacity_keep(token, expert, E, B, T, C)
+    seen = {}
+    for a in range(token.numel()):
+        key = (int(token[a]) // T, int(expert[a]))
+        want = seen.get(key, 0) < C
+        seen[key] = seen.get(key, 0) + want
+        assert bool(keep[a]) == want
+    assert kept.tolist() == [[seen.get((b, e), 0) for e in range(E)] for b in range(B)]
+    # sequence 0 in two calls (positions 0-3, then 4-9, as under a KV cache): the counts carry over
+    one = token < T
+    k1, c1 = capacity_keep(token[one & (token % T < 4)], expert[one & (token % T < 4)], E, 1, T, C)
+    k2, c2 = capacity_keep(token[one & (token % T >= 4)], expert[one & (token % T >= 4)], E, 1, T, C, c1)
+    assert torch.equal(torch.cat([k1, k2]), keep[one]) and torch.equal(c2, kept[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# every router learns from the model's loss at every top_k it accepts
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_every_router_at_every_top_k_gets_a_real_gradient_from_the_lm_loss_or_is_refused(router, top_k):
+    """Issue 14 case 2: sigmoid_bias at top_k 1 renormalised its one weight to exactly 1, and its
+    router got ~1e-8 of gradient from the LM loss (0.43 at top_k 2). With the balance loss and the
+    z-loss off, the router's weights must get a real gradient from the cross-entropy alone - or the
+    config is refused (noisy_topk at top_k 1: the paper's gate is a softmax over one value)."""
+    from moe_lm.config import Config, validate
+    from moe_lm.errors import ConfigError
+
+    if router == "switch" and top_k == 2:
+        pytest.skip("switch is top-1 by definition (top_k=2 is a config error)")
+    moe = MoEConfig(n_experts=4, top_k=top_k, router=router, balance_loss="none", balance_coef=0.0,
+                    z_loss_coef=0.0, capacity_factor=2.0 if router == "expert_choice" else None)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=16, moe=moe)
+    if router == "noisy_topk" and top_k == 1:
+        with pytest.raises(ConfigError, match="top_k=1"):
+            validate(Config(model=cfg))
+        with warnings.catch_warnings(record=True) as caught:  # with a balance loss: allowed, warned
+            warnings.simplefilter("always")
+            validate(Config(model=ModelConfig(**{**cfg.__dict__, "moe": MoEConfig(
+                n_experts=4, top_k=1, router=router, balance_loss="shazeer", balance_coef=0.01)})))
+            NoisyTopK(32, MoEConfig(n_experts=4, top_k=1, router=router))
+        assert any("learns only through" in str(w.message) for w in caught)
+        return
+    validate(Config(model=cfg))
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = model(idx, idx.roll(-1, 1))
+    assert float(out.aux_loss) == 0 and float(out.z_loss) == 0
+    out.loss.backward()
+    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
+    for layer in model.moe_layers():
+        gate = layer.router.w_gate if router == "noisy_topk" else layer.router.weight
+        rel = (gate.grad.norm() / total).item()
+        assert rel > 1e-5, f"router gradient {rel:.2e} of the total"  # main: sigmoid_bias k=1 1e-11
+
+
+# ---------------------------------------------------------------------------------------------
+# ties at an untrained router are broken fairly
+
+
+def test_fair_topk_ranks_unequal_scores_as_torch_topk_and_spreads_exact_ties_by_position():
+    from moe_lm.model.routing import fair_topk
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 8, generator=g)
+    s[:5] = -s[:5].abs()  # negative scores keep their order too
+    v, i = fair_topk(s, 3)
+    ref = torch.topk(s, 3)
+    assert torch.equal(i, ref.indices) and torch.equal(v, ref.values)
+    ties = torch.zeros(16, 8)
+    _, i = fair_topk(ties, 2, torch.arange(16))
+    assert i.tolist() == [[p % 8, (p + 1) % 8] for p in range(16)]
+    mixed = torch.tensor([[0.5, 0.2, 0.5, 0.5]])  # a tie among 0, 2, 3 only: expert 1 is never preferred
+    assert fair_topk(mixed, 2, torch.tensor([1]))[1].tolist() == [[2, 3]]
+    assert fair_topk(mixed, 2, torch.tensor([3]))[1].tolist() == [[3, 0]]
+
+
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+def test_an_untrained_router_with_tied_scores_spreads_the_load(router):
+    """Issue 14 case 17: noisy_topk starts at zero weights; at the step-0 evaluation (no noise)
+    every score tied and torch.topk sent every token to experts 0 and 1: max/mean 4.00."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=32,
+                      moe=moe_cfg(router, n_experts=8, top_k=2))
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            for p in layer.router.parameters():
+                p.zero_()  # every score ties (noisy_topk's own init)
+        out = model(torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(0)))
+    for s in out.moe_stats:
+        max_mean = (s.load.max() / s.load.mean()).item()
+        assert max_mean < 1.5, max_mean  # evenly spread: 1.0 (main: 4.0 at top-2 of 8, 8.0 at top-1)

@@ -245,3 +245,58 @@ def test_grad_accumulation_splits_the_same_batch(tiny_data_dir, tmp_path):
         train(cfg, out_dir=tmp_path / f"k{k}", console=quiet(), plots=False)
         runs[k] = [r["ce_loss"] for r in train_records(tmp_path / f"k{k}")]
     assert runs[1] == pytest.approx(runs[2], rel=1e-4)
+
+
+@pytest.mark.parametrize("router,balance", [("softmax_topk", "switch"), ("noisy_topk", "shazeer"),
+                                            ("sigmoid_bias", "switch")])
+def test_grad_accumulation_keeps_the_whole_batch_balance_loss_and_its_gradient(router, balance):
+    """Issue 14 case 3: the balance loss was computed per micro-batch, so with balance_coef 1 the
+    step-1 aux loss was 1.001469 at grad_accum 1 and 1.003200 at 2, and the router's balance-loss
+    gradient moved by 41% (2 micro-batches) and 121% (4). One rule for micro-batches and ranks:
+    balance statistics are the whole step's batch's. The aux loss and the router's balance-loss
+    gradient (with - without the balance loss) agree to 1e-6 at grad_accum 1, 2 and 4."""
+    import warnings
+
+    from moe_lm.config import ModelConfig, MoEConfig
+    from moe_lm.model.transformer import Transformer
+    from moe_lm.training.trainer import accumulate_gradients
+
+    x = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, 1)
+
+    def step(grad_accum: int, coef: float):
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=16, seq_len=16,
+                          moe=MoEConfig(n_experts=4, top_k=2, router=router, balance_loss=balance, balance_coef=coef))
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = Transformer(cfg).train()
+        if router == "noisy_topk":  # out of the all-tied zero init, so the statistics move
+            with torch.no_grad():
+                for layer in model.moe_layers():
+                    layer.router.w_gate.normal_(std=0.5)
+                    layer.router.w_noise.normal_(std=0.5)
+            # the noise is drawn per forward, so grad_accum changes the draws themselves (as it
+            # would any random draw): compare without noise; the shazeer loss is still computed
+            model.eval()
+        torch.manual_seed(1)  # the noise draws
+        sums = accumulate_gradients(model, model, x, y, grad_accum=grad_accum, device=torch.device("cpu"))
+        routers = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              for p in layer.router.parameters()]) for layer in model.moe_layers()]
+        load = [layer.router.load_since_update.clone() for layer in model.moe_layers()
+                if hasattr(layer.router, "load_since_update")]
+        return sums, torch.cat(routers), load
+
+    ref_sums, ref_with, ref_load = step(1, 1.0)
+    _, ref_without, _ = step(1, 0.0)
+    ref_balance_grad = ref_with - ref_without
+    assert ref_balance_grad.norm() > 1e-3 * ref_with.norm()  # the balance loss does reach the router
+    for k in (2, 4):
+        sums, with_, load = step(k, 1.0)
+        _, without, _ = step(k, 0.0)
+        assert sums[1].item() == pytest.approx(ref_sums[1].item(), rel=1e-6)  # the aux loss
+        assert sums[0].item() == pytest.approx(ref_sums[0].item(), rel=1e-5)  # cross-entropy
+        rel = ((with_ - without) - ref_balance_grad).norm() / ref_balance_grad.norm()
+        assert rel.item() < 1e-5, f"grad_accum {k}: balance-loss gradient off by {rel.item():.2e}"
+        for a, b in zip(load, ref_load):  # the pre-pass does not count the load twice
+            assert torch.equal(a, b)

@@ -108,3 +108,13 @@ def test_truncating_metrics_on_resume_keeps_one_trajectory_and_skips_a_cut_line(
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
     truncate_metrics(path, 3)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
+def test_collapse_alarm_leaves_out_the_untrained_step_0_evaluation():
+    """Issue 14 case 17: the step-0 evaluation of an untrained router counted towards the alarm, so
+    an evaluation at step 50 that still looked skewed fired it. Step 0 now counts for nothing."""
+    alarm = CollapseAlarm(MoEConfig(n_experts=8, router="noisy_topk", balance_loss="shazeer"))
+    tied = [0.5, 0.5] + [0.0] * 6  # all tokens on experts 0 and 1: max/mean 4, six starved
+    assert alarm.update(0, [layer(tied)]) == [] and alarm.active == []
+    assert alarm.update(50, [layer(tied)]) == []  # the first evaluation that counts
+    assert len(alarm.update(100, [layer(tied)])) > 0  # a collapse after training is still caught

@@ -1,4 +1,5 @@
-"""Auxiliary router losses, each computed for ONE MoE layer (the model averages them over layers).
+"""Auxiliary router losses, each computed for ONE MoE layer; the model sums the layers' losses, each
+times its coefficient (the papers' convention: a coefficient is per layer).
 
 NOTE: per layer on purpose. Pooling the loads of all layers before the loss scores "balanced"
 when layer 1 sends everything to expert 0 and layer 2 everything to expert 1.
@@ -9,9 +10,17 @@ when layer 1 sends everything to expert 0 and layer 2 everything to expert 1.
 - z_loss: ST-MoE router z-loss, mean over tokens of logsumexp(logits)².
 Coefficients are applied by the caller (the MoE layer).
 
-Under torchrun each rank sees its share of the batch; `batch_sum` (distributed.sum_over_ranks, a
-differentiable sum over the ranks) turns the sums over tokens into the global batch's, so every
-rank computes the single-process loss. None = this process holds the whole batch.
+A balance loss is a function of sums over the batch's tokens (its *statistics*: Switch's
+assignment counts, Σ p and token count; Shazeer's importance and smooth load), not a mean of
+per-token terms - so it is computed from `balance_stats` by `balance_from_stats`, and those sums
+are ALWAYS the whole optimizer step's batch (one rule for torchrun ranks and for micro-batches):
+- under torchrun each rank sees its share of the batch; `batch_sum` (distributed.sum_over_ranks, a
+  differentiable sum over the ranks) adds the other ranks' statistics, so every rank computes the
+  single-process loss. None = this process holds the whole (micro-)batch.
+- with gradient accumulation (train.grad_accum > 1) `rest` holds the statistics of the step's OTHER
+  micro-batches, measured beforehand without gradient (the trainer's pre-pass), as a constant: the
+  loss then has the whole batch's value, and its gradient through this micro-batch's statistics is
+  exactly this micro-batch's share of the whole-batch loss's gradient.
 """
 
 from __future__ import annotations
@@ -61,30 +70,44 @@ def importance(r: Routing, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, device=r.weight.device, dtype=r.weight.dtype).index_add(0, r.expert, r.weight)
 
 
-def shazeer_loss(r: Routing, n_experts: int, batch_sum=None) -> torch.Tensor:
-    """CV(Importance)² + CV(Load)² (unweighted; the paper's w_importance = w_load = the coefficient)."""
-    if r.noisy_logits is None or r.noise_std is None:
-        raise ValueError("the shazeer balance loss needs the noisy_topk router")
-    load = smooth_load(r.logits, r.noisy_logits, r.noise_std, r.top_k).sum(dim=0)
-    imp = importance(r, n_experts)
-    if batch_sum is not None:
-        imp, load = batch_sum(torch.cat([imp, load.to(imp.dtype)])).split(n_experts)
+def balance_stats(name: str, r: Routing, n_experts: int) -> torch.Tensor:
+    """The sums over this forward's tokens that the balance loss `name` is a function of, as one
+    float32 vector (differentiable where the loss's gradient flows):
+    switch: [counts (E) (no gradient), Σ_tokens p (E), token count (1)]; shazeer: [importance (E),
+    smooth load (E)]."""
+    if name == "switch":
+        counts = torch.bincount(r.expert, minlength=n_experts).float()
+        return torch.cat([counts, r.probs.float().sum(dim=0), counts.new_full((1,), r.probs.shape[0])])
+    if name == "shazeer":
+        if r.noisy_logits is None or r.noise_std is None:
+            raise ValueError("the shazeer balance loss needs the noisy_topk router")
+        load = smooth_load(r.logits, r.noisy_logits, r.noise_std, r.top_k).sum(dim=0)
+        imp = importance(r, n_experts)
+        return torch.cat([imp.float(), load.float()])
+    raise ValueError(f"no statistics for balance loss {name!r}")
+
+
+def balance_from_stats(name: str, stats: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The balance loss from (summed) `balance_stats`."""
+    if name == "switch":
+        # N · Σ_i f_i · P_i: f_i = share of the assignments that went to expert i (counted, no
+        # gradient), P_i = mean router probability of expert i (the gradient's path)
+        counts, p_sum, n_tokens = stats.split([n_experts, n_experts, 1])
+        f = counts.detach() / counts.detach().sum().clamp_min(1.0)
+        return n_experts * (f * p_sum / n_tokens.detach().clamp_min(1.0)).sum()
+    imp, load = stats.split(n_experts)  # shazeer: CV(Importance)² + CV(Load)²
     return cv_squared(imp) + cv_squared(load)
 
 
-def switch_loss(r: Routing, n_experts: int, batch_sum=None) -> torch.Tensor:
+def shazeer_loss(r: Routing, n_experts: int, batch_sum=None, rest=None) -> torch.Tensor:
+    """CV(Importance)² + CV(Load)² (unweighted; the paper's w_importance = w_load = the coefficient)."""
+    return balance_loss("shazeer", r, n_experts, batch_sum, rest)
+
+
+def switch_loss(r: Routing, n_experts: int, batch_sum=None, rest=None) -> torch.Tensor:
     """N · Σ_i f_i · P_i: f_i = share of the router's assignments that went to expert i (counted,
     no gradient), P_i = mean router probability of expert i (the gradient's path)."""
-    counts = torch.bincount(r.expert, minlength=n_experts).float()
-    if batch_sum is None:
-        P = r.probs.mean(dim=0)
-    else:  # one sum over the ranks: counts, Σ_tokens p, and the token count
-        n_tokens = counts.new_full((1,), r.probs.shape[0])
-        counts, p_sum, n_tokens = batch_sum(torch.cat([counts, r.probs.sum(dim=0), n_tokens])).split(
-            [n_experts, n_experts, 1])
-        counts, P = counts.detach(), p_sum / n_tokens.detach()
-    f = counts / counts.sum().clamp_min(1.0)
-    return n_experts * (f * P).sum()
+    return balance_loss("switch", r, n_experts, batch_sum, rest)
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -92,12 +115,17 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-def balance_loss(name: str, r: Routing, n_experts: int, batch_sum=None) -> torch.Tensor:
-    if name == "switch":
-        return switch_loss(r, n_experts, batch_sum)
-    if name == "shazeer":
-        return shazeer_loss(r, n_experts, batch_sum)
-    return r.logits.new_zeros(())
+def balance_loss(name: str, r: Routing, n_experts: int, batch_sum=None, rest=None) -> torch.Tensor:
+    """The balance loss of the whole step's batch: this forward's statistics, summed over the ranks
+    (`batch_sum`), plus the other micro-batches' (`rest`, a constant). See the module docstring."""
+    if name not in ("switch", "shazeer"):
+        return r.logits.new_zeros(())
+    stats = balance_stats(name, r, n_experts)
+    if batch_sum is not None:
+        stats = batch_sum(stats)
+    if rest is not None:
+        stats = stats + rest
+    return balance_from_stats(name, stats, n_experts)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,8 @@ class MoEStats:
         choice, the share of tokens that no expert took.
     entropy: mean router entropy (nats) of the router's probabilities.
     balance_loss, z_loss: this layer's losses, coefficient applied (differentiable).
+    balance_stats: only while `MoELayer.measure_balance` is set (the trainer's gradient-accumulation
+        pre-pass): this forward's balance statistics (losses.balance_stats), detached; else None.
     """
 
     load: torch.Tensor
@@ -116,27 +118,47 @@ class MoEStats:
     entropy: torch.Tensor
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
+    balance_stats: torch.Tensor | None = None
 
 
-def capacity_keep(expert: torch.Tensor, score: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
-    """(A,) bool: True for the assignments an expert keeps when it takes at most `capacity` of them,
-    preferring the highest router score; ties keep the earlier assignment."""
-    by_score = torch.argsort(score, descending=True, stable=True)
-    perm = by_score[torch.argsort(expert[by_score], stable=True)]  # by expert, then by score desc
-    counts = torch.bincount(expert, minlength=n_experts)
+def capacity_keep(token: torch.Tensor, expert: torch.Tensor, n_experts: int, n_seqs: int, seq_len: int,
+                  capacity: int, kept_before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal capacity: which assignments the experts keep, PER SEQUENCE, BY POSITION.
+
+    Rows `token` index a (n_seqs, seq_len) batch flattened sequence-major. Expert e keeps an
+    assignment at position t of sequence b when fewer than `capacity` assignments of that sequence at
+    positions < t (plus `kept_before[b, e]`, those of earlier forwards under a KV cache) went to e:
+    the first `capacity` in position order are kept, the later ones dropped. So whether token t is
+    dropped depends only on tokens at positions <= t of its own sequence - never on later tokens or
+    on other sequences of the batch (mesh-tensorflow's position-ordered dispatch; a score-ordered
+    choice over the batch would let the future decide). One stable sort, no loop.
+
+    Returns (keep (A,) bool, kept (n_seqs, E) int64 = kept_before + what this forward kept).
+    """
+    seq, pos = token // seq_len, token % seq_len
+    group = seq * n_experts + expert  # (sequence, expert)
+    order = torch.argsort(group * seq_len + pos)  # by sequence and expert, then position (unique keys)
+    counts = torch.bincount(group, minlength=n_seqs * n_experts)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(expert.numel(), device=expert.device) - starts[expert[perm]]
-    keep = torch.empty_like(expert, dtype=torch.bool)
-    keep[perm] = rank < capacity
-    return keep
+    g = group[order]
+    rank = torch.arange(token.numel(), device=token.device) - starts[g]  # earlier assignments to e
+    if kept_before is not None:
+        rank = rank + kept_before.reshape(-1)[g]
+    keep = torch.empty_like(token, dtype=torch.bool)
+    keep[order] = rank < capacity
+    kept = torch.bincount(group[keep], minlength=n_seqs * n_experts).view(n_seqs, n_experts)
+    return keep, kept if kept_before is None else kept_before + kept
 
 
 class MoELayer(nn.Module):
     """Router + stacked experts (+ always-on shared experts), dispatch and combine."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str, cfg: MoEConfig, std: float, down_std: float):
+    def __init__(self, d_model: int, hidden: int, activation: str, cfg: MoEConfig, std: float, down_std: float,
+                 seq_len: int | None = None):
         super().__init__()
         self.cfg = cfg
+        # the model's training sequence length: the capacity per sequence (None = each forward's T)
+        self.seq_len = seq_len
         self.n_experts = cfg.n_experts
         router_cls = ROUTERS[cfg.router]
         self.router = router_cls(d_model, cfg, init_std=std)
@@ -154,29 +176,54 @@ class MoELayer(nn.Module):
         # that makes balance losses see the global batch, and this rank's share of the experts
         self.sum_over_ranks = None
         self.expert_parallel = None
+        # gradient accumulation (training.trainer.accumulate_gradients): the step's other
+        # micro-batches' balance statistics, a constant added to this forward's, so the balance loss
+        # is the whole batch's; and the pre-pass flag that makes MoEStats carry the statistics
+        self.balance_rest: torch.Tensor | None = None
+        self.measure_balance = False
+
+    @property
+    def has_balance_loss(self) -> bool:
+        return self.cfg.balance_loss != "none" and self.cfg.balance_coef > 0
 
     def shard_experts(self, ep) -> None:
         """Hold experts [ep.first, ep.first + ep.n_local) of n_experts (a distributed.ExpertParallel)."""
         self.experts.keep(ep.first, ep.n_local)
         self.expert_parallel = ep
 
-    def capacity(self, n_tokens: int) -> int | None:
+    def capacity(self, seq_len: int) -> int | None:
+        """Token-choice capacity limit PER SEQUENCE: C = ceil(cf · L · k / E) assignments per expert
+        and sequence, L = the model's training seq_len (so a prefix is routed as in training, whatever
+        the length of the forward), or the forward's T for a layer built without one. None =
+        dropless (and for expert choice, whose capacity is its own)."""
         cf = self.cfg.capacity_factor
         if cf is None or isinstance(self.router, ExpertChoice):
             return None
-        return math.ceil(cf * n_tokens * self.cfg.top_k / self.n_experts)
+        L = self.seq_len if self.seq_len is not None else seq_len
+        return math.ceil(cf * L * self.cfg.top_k / self.n_experts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> tuple[torch.Tensor, MoEStats]:
+        """x (B, T, d) (or (T, d): one sequence) -> y of x's shape, MoEStats.
+
+        With a capacity limit, drops are causal (see `capacity_keep`); under a KV cache
+        (`cache.moe_kept[layer]`) the counts of earlier forwards carry over, so cached generation
+        drops exactly what recomputing the whole sequence drops."""
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (T, d), T = all tokens of the batch
-        r: Routing = self.router(x)
+        n_seqs, T = (shape[0], shape[1]) if x.dim() == 3 else (1, shape[0])
+        x = x.reshape(-1, shape[-1])  # (n_seqs·T, d), sequence-major
+        start = cache.pos if cache is not None else 0
+        pos = torch.arange(start, start + T, device=x.device).repeat(n_seqs)  # each row's position (ties)
+        r: Routing = self.router(x, pos)
         token, expert, weight = r.token, r.expert, r.weight
         n_assigned = token.numel()
-        cap = self.capacity(x.shape[0])
+        cap = self.capacity(T)
         dropped = None
         if cap is not None:
+            before = cache.moe_kept.get(layer) if cache is not None else None
             # NOTE: boolean indexing syncs with the device once; only with a capacity limit.
-            keep = capacity_keep(expert, r.score, self.n_experts, cap)
+            keep, kept = capacity_keep(token, expert, self.n_experts, n_seqs, T, cap, before)
+            if cache is not None:
+                cache.moe_kept[layer] = kept
             if self.record:
                 dropped = (token[~keep].detach(), expert[~keep].detach())
             token, expert, weight = token[keep], expert[keep], weight[keep]
@@ -206,7 +253,11 @@ class MoELayer(nn.Module):
                 dropped = torch.tensor(1.0 - kept_expert.numel() / max(n_assigned, 1), device=load.device)
             ent = losses.entropy(r.probs)
         zero = r.logits.new_zeros(())
-        bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E, self.sum_over_ranks)
-               if cfg.balance_loss != "none" and cfg.balance_coef > 0 else zero)
+        if self.measure_balance and self.has_balance_loss:  # the pre-pass: statistics, no loss
+            st = losses.balance_stats(cfg.balance_loss, r, E).detach()
+            return MoEStats(load, imp, dropped, ent, zero, zero, st)
+        bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E, self.sum_over_ranks,
+                                                      self.balance_rest)
+               if self.has_balance_loss else zero)
         z = cfg.z_loss_coef * losses.z_loss(r.logits) if cfg.z_loss_coef > 0 else zero
         return MoEStats(load, imp, dropped, ent, bal, z)

@@ -8,8 +8,15 @@ nothing about experts' weights.
 Router math runs in float32 whatever the model's dtype (autocast is switched off inside): the
 softmax/top-k of a bf16 logit vector ties and flips too easily.
 
+Exact ties (an untrained router: noisy_topk starts at zero weights, so every score ties) are broken
+fairly by `fair_topk`: the token at position p prefers, among equal scores, expert p mod E, then
+p + 1, ... - so an untrained router spreads the tokens instead of sending all of them to the same
+experts (which torch.topk does, and which reads as a collapse). Unequal scores are ranked exactly
+as by torch.topk, the weights and gradients are untouched, and the rule depends only on the token's
+own scores and position (causal, the same cached or recomputed).
+
     router = ROUTERS[cfg.router](d_model, cfg)
-    r = router(x)              # Routing(token, expert, weight, logits, probs, score, ...)
+    r = router(x, pos)         # Routing(token, expert, weight, logits, probs, score, ...); pos (T,): positions
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ class Routing:
     """A router's decision for one batch of T tokens over E experts.
 
     token, expert: (A,) int64; weight: (A,) float32, differentiable (the gate value that scales
-    the expert's output). score: (A,) float32, detached - the priority used when a capacity limit
-    drops assignments (lowest first). logits: (T, E) float32 clean router logits (z-loss).
+    the expert's output). score: (A,) float32, detached - the router's score of the assignment
+    (capacity limits do not rank by it: they keep the earliest positions, moe.capacity_keep). logits: (T, E) float32 clean router logits (z-loss).
     probs: (T, E) float32, rows summing to 1 (Switch f·P loss, entropy). noisy_logits and
     noise_std: (T, E), only from noisy_topk (Shazeer's smooth load estimator).
     """
@@ -52,6 +59,23 @@ def _router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (T, d) @ weight (E, d)^T in float32 with autocast off."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.linear(x.float(), weight.float())
+
+
+def fair_topk(scores: torch.Tensor, k: int, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores (T, E), k) with exact ties broken fairly -> (values, indices), (T, k).
+
+    One int64 key per score: the float32's bits made monotone (so different scores keep their exact
+    order), times E, plus a tie rank that prefers expert (pos mod E), then (pos + 1) mod E, ...
+    pos (T,) int64: each row's position in its sequence (None: the row index)."""
+    T, E = scores.shape
+    if pos is None:
+        pos = torch.arange(T, device=scores.device)
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ties +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip to keep the order
+    experts = torch.arange(E, device=scores.device)
+    tie = (E - 1) - (experts[None, :] - pos[:, None]) % E  # E - 1 for expert pos mod E
+    idx = (ordered * E + tie).topk(k, dim=-1).indices
+    return scores.gather(1, idx), idx
 
 
 def _token_major(top_idx: torch.Tensor, top_w: torch.Tensor, probs_at: torch.Tensor) -> tuple:
@@ -76,10 +100,10 @@ class SoftmaxTopK(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, d_model))  # = Mixtral's gate.weight
         nn.init.normal_(self.weight, std=init_std)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> Routing:
         logits = _router_linear(x, self.weight)  # (T, E)
         probs = logits.softmax(dim=-1)
-        top_p, top_idx = probs.topk(self.top_k, dim=-1)  # (T, k)
+        top_p, top_idx = fair_topk(probs, self.top_k, pos)  # (T, k)
         weight = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
         token, expert, weight, score = _token_major(top_idx, weight, top_p)
         return Routing(token, expert, weight, score, logits, probs, self.top_k)
@@ -95,10 +119,10 @@ class Switch(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, d_model))
         nn.init.normal_(self.weight, std=init_std)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> Routing:
         logits = _router_linear(x, self.weight)
         probs = logits.softmax(dim=-1)
-        top_p, top_idx = probs.max(dim=-1, keepdim=True)  # (T, 1)
+        top_p, top_idx = fair_topk(probs, 1, pos)  # (T, 1)
         token, expert, weight, score = _token_major(top_idx, top_p, top_p)
         return Routing(token, expert, weight, score, logits, probs, 1)
 
@@ -113,7 +137,9 @@ class NoisyTopK(nn.Module):
     noise (softplus(0) = 0.69) and learns from there.
 
     NOTE: with k = 1 the paper's gate is softmax over one value = 1: the router then learns only
-    through the load loss (a warning says so); the paper used k >= 2.
+    through the balance loss (a warning says so, and config validation refuses k = 1 without a
+    balance loss, where it would not learn at all); the paper used k >= 2. Every other router gives
+    its weights a gradient from the model's loss at every top_k (tests/test_routing.py).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02):
@@ -128,7 +154,7 @@ class NoisyTopK(nn.Module):
         # (rank, world size) under torchrun: x holds this rank's rows of the global batch
         self.batch_share = (0, 1)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> Routing:
         clean = _router_linear(x, self.w_gate)  # (T, E)
         noise_std = F.softplus(_router_linear(x, self.w_noise))
         if self.training:
@@ -141,7 +167,7 @@ class NoisyTopK(nn.Module):
             noisy = clean + noise * noise_std
         else:
             noisy = clean
-        top_h, top_idx = noisy.topk(self.top_k, dim=-1)
+        top_h, top_idx = fair_topk(noisy, self.top_k, pos)  # zero init, no noise (eval): all tie
         weight = top_h.softmax(dim=-1)  # softmax over the kept k = softmax(KeepTopK(H))
         probs = noisy.softmax(dim=-1)  # over all experts: for entropy and the Switch f·P loss
         token, expert, weight, score = _token_major(top_idx, weight, probs.gather(1, top_idx))
@@ -176,7 +202,7 @@ class ExpertChoice(nn.Module):
     def capacity(self, n_tokens: int) -> int:
         return min(n_tokens, math.ceil(n_tokens * self.capacity_factor / self.n_experts))
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> Routing:
         logits = _router_linear(x, self.weight)
         probs = logits.softmax(dim=-1)  # (T, E)
         C = self.capacity(x.shape[0])
@@ -188,7 +214,9 @@ class ExpertChoice(nn.Module):
 
 class SigmoidBias(nn.Module):
     """DeepSeek-V3 aux-loss-free balancing: s = sigmoid(x W^T); choose the top k of s + bias; the
-    weights are the chosen s renormalised to sum to 1. `bias` is a buffer, moved outside autograd by
+    weights are the chosen s renormalised to sum to 1 for top_k > 1, and the raw s for top_k = 1
+    (one value renormalised is exactly 1: the router would get no gradient from the model's loss -
+    the same rule as softmax_topk and switch at k = 1). `bias` is a buffer, moved outside autograd by
     `update_bias()` after each optimizer step: bias_i += rate · sign(mean load - load_i), with the
     load counted since the previous update - it steers which experts are chosen, never the weights.
 
@@ -205,12 +233,12 @@ class SigmoidBias(nn.Module):
         # NOTE: non-persistent: a checkpoint taken between a step and its update holds no load.
         self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> Routing:
         logits = _router_linear(x, self.weight)
         s = torch.sigmoid(logits)  # (T, E)
-        _, top_idx = (s + self.bias).topk(self.top_k, dim=-1)
+        _, top_idx = fair_topk(s + self.bias, self.top_k, pos)
         top_s = s.gather(1, top_idx)
-        weight = top_s / top_s.sum(dim=-1, keepdim=True)
+        weight = top_s / top_s.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_s
         if self.training:
             self.load_since_update += torch.bincount(top_idx.reshape(-1), minlength=self.n_experts).to(self.bias.dtype)
         probs = s / s.sum(dim=-1, keepdim=True)

@@ -31,8 +31,11 @@ from .moe import FeedForward, MoELayer, MoEStats
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: Optional[torch.Tensor]  # mean cross-entropy, or None without targets
-    aux_loss: torch.Tensor  # balance loss, coefficient applied, mean over MoE layers (0 if none)
-    z_loss: torch.Tensor  # router z-loss, coefficient applied, mean over MoE layers (0 if none)
+    # The papers' convention (Shazeer 2017's w, Switch's 0.01, ST-MoE's z-loss 0.001; tensor2tensor
+    # and mesh-tensorflow add the layers' losses): each MoE layer's loss times the coefficient,
+    # SUMMED over the MoE layers - so a coefficient copied from a paper means what it meant there.
+    aux_loss: torch.Tensor  # Σ over MoE layers of balance_coef · that layer's balance loss (0 if none)
+    z_loss: torch.Tensor  # Σ over MoE layers of z_loss_coef · that layer's router z-loss (0 if none)
     moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
 
 
@@ -77,11 +80,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Past keys and values per layer, for incremental decoding. `pos` = tokens seen so far."""
+    """Past keys and values per layer, for incremental decoding. `pos` = tokens seen so far;
+    `moe_kept`: the causal capacity counts of MoE layers that have a capacity limit."""
 
     def __init__(self, n_layers: int):
         self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * n_layers
         self.pos = 0
+        # MoE layers with a capacity limit: (B, E) assignments kept so far per sequence and expert
+        self.moe_kept: dict[int, torch.Tensor] = {}
 
 
 class Attention(nn.Module):
@@ -133,7 +139,8 @@ class Block(nn.Module):
         moe = cfg.moe
         self.is_moe = moe is not None and layer % moe.every == moe.every - 1
         if self.is_moe:
-            self.mlp: nn.Module = MoELayer(cfg.d_model, cfg.ffn_hidden, cfg.activation, moe, std, out_std)
+            self.mlp: nn.Module = MoELayer(cfg.d_model, cfg.ffn_hidden, cfg.activation, moe, std, out_std,
+                                           seq_len=cfg.seq_len)
         else:
             self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.activation, std, out_std)
 
@@ -141,7 +148,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, stats = self.mlp(h)
+            y, stats = self.mlp(h, cache, layer)
             return x + y, stats
         return x + self.mlp(h), None
 
@@ -186,8 +193,8 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         if stats:
-            aux = torch.stack([s.balance_loss for s in stats]).mean()
-            z = torch.stack([s.z_loss for s in stats]).mean()
+            aux = torch.stack([s.balance_loss for s in stats]).sum()  # per-layer coefficients, summed
+            z = torch.stack([s.z_loss for s in stats]).sum()
         else:
             aux = z = logits.new_zeros((), dtype=torch.float32)
         return ModelOutput(logits, loss, aux, z, stats)

@@ -176,7 +176,7 @@ class Alarm:
 
 
 class CollapseAlarm:
-    """Counts, per layer and expert, the evaluations in a row that look collapsed.
+    """Counts, per layer and expert, the evaluations in a row (after step 0) that look collapsed.
 
     An alarm fires once when a count reaches `patience`, and re-arms when the expert recovers.
     Its counters are saved in checkpoints so a resumed run keeps counting.
@@ -190,7 +190,12 @@ class CollapseAlarm:
         self.active: list[Alarm] = []  # alarms whose condition still holds
 
     def update(self, step: int, layers: list[LayerLoad]) -> list[Alarm]:
-        """Feed one evaluation's per-layer load; returns the alarms that fire now."""
+        """Feed one evaluation's per-layer load; returns the alarms that fire now.
+
+        The step-0 evaluation is left out: an untrained router has learned nothing that could
+        collapse (noisy_topk starts at zero weights, all scores tied), so it counts for nothing."""
+        if step == 0:
+            return []
         fired, active = [], []
         for ll in layers:
             key, n = str(ll.layer), len(ll.load)

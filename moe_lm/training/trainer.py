@@ -237,28 +237,10 @@ def _train(cfg: Config, ctx: distributed.Dist, out_dir, resume, overwrite, conso
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # NOTE: batch `step` of the seeded stream, split into micro-batches: grad_accum changes
-            # memory use, not the data or the gradient. Under torchrun each rank takes its rows of
-            # every micro-batch, so the ranks together see exactly the single-process micro-batches.
+            # batch `step` of the seeded stream, split into micro-batches (and rows per rank)
             x, y = get_batch(train_tokens, step, t.batch_size, cfg.model.seq_len, t.seed)
-            sums = torch.zeros(3, device=device)  # ce, balance, z
-            for micro in range(t.grad_accum):
-                lo = micro * micro_bs + ctx.rank * rank_bs
-                xs = x[lo:lo + rank_bs].to(device, non_blocking=True)
-                ys = y[lo:lo + rank_bs].to(device, non_blocking=True)
-                # DDP averages the gradients over the ranks once, after the last micro-batch
-                with ddp.no_sync() if ddp is not None and micro < t.grad_accum - 1 else nullcontext():
-                    with amp():
-                        out = forward(xs, ys)
-                    aux = _as_tensor(out.aux_loss, out.loss)
-                    z = _as_tensor(out.z_loss, out.loss)
-                    loss = (out.loss + aux + z) / t.grad_accum
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                sums += torch.stack([out.loss.detach(), aux.detach(), z.detach()]).float() / t.grad_accum
-                meter.add(out.moe_stats)
+            sums = accumulate_gradients(forward, model, x, y, grad_accum=t.grad_accum, device=device, amp=amp,
+                                        ctx=ctx, scaler=scaler, ddp=ddp, meter=meter)
             if expert_parallel:
                 distributed.finish_expert_grads(model, ctx)
             if scaler is not None:
@@ -693,6 +675,91 @@ class _Window:
 
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def accumulate_gradients(forward, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, grad_accum: int,
+                         device: torch.device, amp=nullcontext, ctx: distributed.Dist = distributed.SINGLE,
+                         scaler=None, ddp=None, meter: Optional[LoadMeter] = None) -> torch.Tensor:
+    """Forward and backward of one optimizer step's batch x, y [batch_size, T] in `grad_accum`
+    micro-batches (this rank's rows of each under torchrun); the gradients accumulate in the
+    parameters. Returns this rank's (ce, balance, z) losses of the step, as a (3,) tensor.
+
+    grad_accum changes memory use, not the data, the losses or the gradient - balance loss included:
+    ONE RULE for micro-batches and torchrun ranks, balance statistics are the whole step's batch's.
+    The ranks' shares are summed inside the loss (MoELayer.sum_over_ranks); the micro-batches'
+    by a no-gradient pre-pass over the step's micro-batches (`_balance_rest`, same RNG draws), whose
+    statistics of the OTHER micro-batches each micro-batch adds as a constant (MoELayer.balance_rest):
+    every micro-batch's balance loss then has the whole batch's value, and the sum of their
+    gradients is the whole-batch loss's gradient. The pre-pass runs only with grad_accum > 1 and a
+    balance loss on, and costs one extra forward without gradient per step (~1/3 of a step).
+    (Capacity drops are per sequence, so micro-batching never changes them; expert_choice picks
+    among each forward's tokens, so its routing does depend on the micro-batch size.)
+    """
+    micro_bs = x.shape[0] // grad_accum
+    rank_bs = micro_bs // ctx.world_size
+    parts = [(x[lo:lo + rank_bs], y[lo:lo + rank_bs])
+             for lo in (m * micro_bs + ctx.rank * rank_bs for m in range(grad_accum))]
+    rests = _balance_rest(model, parts, device, amp, ctx) if grad_accum > 1 else None
+    sums = torch.zeros(3, device=device)  # ce, balance, z
+    try:
+        for micro, (xs, ys) in enumerate(parts):
+            xs, ys = xs.to(device, non_blocking=True), ys.to(device, non_blocking=True)
+            if rests is not None:
+                for layer, rest in zip(rests[0], rests[1][micro]):
+                    layer.balance_rest = rest
+            # DDP averages the gradients over the ranks once, after the last micro-batch
+            with ddp.no_sync() if ddp is not None and micro < grad_accum - 1 else nullcontext():
+                with amp():
+                    out = forward(xs, ys)
+                aux = _as_tensor(out.aux_loss, out.loss)
+                z = _as_tensor(out.z_loss, out.loss)
+                # cross-entropy and z-loss are means over tokens: the micro-batches' means / grad_accum.
+                # The balance loss already is the whole batch's (see above): its gradient, not divided,
+                # is this micro-batch's share of the whole-batch gradient.
+                loss = (out.loss + z) / grad_accum + aux
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            sums += torch.stack([out.loss.detach(), aux.detach(), z.detach()]).float() / grad_accum
+            if meter is not None:
+                meter.add(out.moe_stats)
+    finally:
+        if rests is not None:
+            for layer in rests[0]:
+                layer.balance_rest = None
+    return sums
+
+
+@torch.no_grad()
+def _balance_rest(model, parts: list, device: torch.device, amp, ctx: distributed.Dist):
+    """The pre-pass of `accumulate_gradients`: (layers, rests) where rests[m][i] = the balance
+    statistics of every micro-batch but m (all ranks'), for MoE layer layers[i]; None when no layer
+    has a balance loss. The RNG (noisy routing) and the sigmoid_bias load counters are restored, so
+    the real pass draws the same noise and counts the load once."""
+    layers = [layer for layer in getattr(model, "moe_layers", lambda: [])() if layer.has_balance_loss]
+    if not layers:
+        return None
+    counters = [(b, b.clone()) for layer in layers for name, b in layer.router.named_buffers()
+                if name == "load_since_update"]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        for layer in layers:
+            layer.measure_balance = True
+        with torch.random.fork_rng(devices=devices):
+            per_micro = []
+            for xs, _ in parts:
+                with amp():
+                    out = model(xs.to(device, non_blocking=True))
+                per_micro.append(torch.stack([s.balance_stats for s in out.moe_stats if s.balance_stats is not None]))
+    finally:
+        for layer in layers:
+            layer.measure_balance = False
+        for buf, saved in counters:
+            buf.copy_(saved)
+    stats = ctx.all_reduce_(torch.stack(per_micro).float())  # (micro, layer, stat), every rank's rows
+    total = stats.sum(0)
+    return layers, [total - stats[m] for m in range(len(parts))]
 
 
 def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
