@@ -61,7 +61,7 @@ def plan(name: str, data: str) -> list[tuple[str, list[str]]]:
         runs.append((f"moe32x64k4-lr{lr}-s900", d + BASE + moe(32, 64, 4) + [f"train.lr={lr}", "train.max_steps=900"]))
         runs.append((f"moe32x128k2-lr{lr}-s600", d + BASE + moe(32, 128, 2) + [f"train.lr={lr}", "train.max_steps=600"]))
         runs.append(("dense2048-lr1.5e-3-s600", d + BASE + DENSE + ["model.ffn_hidden=2048", "train.lr=1.5e-3", "train.max_steps=600"]))
-        runs.append((f"moe32x64k4-b0.005-lr{lr}-s600", d + BASE + moe(32, 64, 4, 0.0025) + [f"train.lr={lr}", "train.max_steps=600"]))
+        runs.append((f"moe32x64k4-b0.0025-lr{lr}-s600", d + BASE + moe(32, 64, 4, 0.0025) + [f"train.lr={lr}", "train.max_steps=600"]))
         runs.append(("dense2048-lr6e-3-s600", d + BASE + DENSE + ["model.ffn_hidden=2048", "train.lr=6e-3", "train.max_steps=600"]))
     elif name == "balance":  # the demo must not trip its own collapse alarm (balance_coef 0.01 does)
         for bal in ("0.025",):
