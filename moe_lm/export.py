@@ -90,8 +90,8 @@ def hf_target(cfg: ModelConfig) -> HFTarget:
         elif moe.router == "sigmoid_bias":
             problems.append("model.moe.router = sigmoid_bias (Mixtral and Qwen2-MoE route by softmax)")
         if moe.capacity_factor is not None and moe.router != "expert_choice":
-            problems.append(f"model.moe.capacity_factor = {moe.capacity_factor} (a capacity limit drops tokens "
-                            "depending on the batch; transformers' MoE blocks are dropless)")
+            problems.append(f"model.moe.capacity_factor = {moe.capacity_factor} (a capacity limit drops a "
+                            "sequence's later tokens once an expert is full; transformers' MoE blocks are dropless)")
     if problems:
         raise ExportError("no transformers architecture computes this model exactly: " + "; ".join(problems),
                           "train with model.activation=swiglu, a softmax_topk / noisy_topk / switch router and "
