@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import checks
+from .errors import ConfigError
 from .config import MoEConfig
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")

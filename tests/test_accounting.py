@@ -157,6 +157,6 @@ def test_info_works_before_prepare_and_says_which_vocabulary_it_used(tmp_path):
 
 def test_info_warns_about_a_warmup_longer_than_the_run():
     buf = io.StringIO()
-    render_info(load_config(ROOT / "configs" / "tiny-moe.yaml", ["train.max_steps=4", "model.vocab_size=512"]),
+    render_info(load_config(ROOT / "configs" / "tiny-moe.yaml", ["train.max_steps=4", "train.warmup_steps=20", "model.vocab_size=512"]),
                 console=Console(file=buf, width=300))
     assert "warning: train.warmup_steps (20) > train.max_steps (4)" in buf.getvalue()
