@@ -450,9 +450,10 @@ def read_user_text(text_file: Optional[Path] = None, prompt: Optional[str] = Non
     if text_file is not None and prompt is not None:
         raise ConfigError("--text and --prompt contradict each other", "pass one of them")
     if text_file is not None:
+        from . import checks
+
         text_file = Path(text_file)
-        if not text_file.is_file():
-            raise DataError(f"text file {text_file} does not exist", "pass the path of a UTF-8 text file to --text")
+        checks.in_file("--text", text_file, "pass the path of a UTF-8 text file to --text")
         try:
             text = text_file.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as exc:

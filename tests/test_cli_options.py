@@ -57,7 +57,7 @@ BASE = {
     ("bench", "train"): ["-c", str(TINY_MOE), "--steps", "1", "--rounds", "1", "--warmup", "0"],
     ("bench", "prepare"): ["--max-bytes", "1000", "--vocab-size", "300"],
 }
-FILE_PARAMS = {"config", "tokenizer"}  # Path parameters that name a file; every other Path is a folder
+FILE_PARAMS = {"config", "tokenizer", "text_file"}  # Path parameters that name a file; every other Path is a folder
 
 
 def test_every_command_has_a_base_and_the_walk_finds_the_options():
