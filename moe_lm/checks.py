@@ -67,7 +67,10 @@ def number(name: str, value: Any, lo: Optional[float] = None, hi: Optional[float
     """ConfigError unless `value` is a finite number (an int when `integer`) within [lo, hi]
     (open ends with lo_open / hi_open). `name` is the config key or the option."""
     if not in_range(value, lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer):
-        raise ConfigError(f"{name}{sep}{value!r}: {allowed_range(lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer)}",
+        shown = repr(value)
+        if isinstance(value, int) and len(shown) > 40:  # e.g. YAML's 1e300 read into an int key
+            shown = f"{float(value):.4g}"
+        raise ConfigError(f"{name}{sep}{shown}: {allowed_range(lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer)}",
                           hint)
 
 

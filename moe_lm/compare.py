@@ -66,7 +66,8 @@ def check_options(cfg: Config, *, seeds: int, lr_sweep: Optional[list[float]], o
         checks.option_number("--lr-sweep", lr, lim.lo, lim.hi, lo_open=lim.lo_open, hint="e.g. --lr-sweep 1e-3,3e-3,6e-3")
     checks.device("--device", device)
     checks.out_folder("--out", out_dir)
-    checks.in_folder("--reuse-moe", reuse_moe, "pass a finished `moe-lm train` run folder, or leave out --reuse-moe")
+    if reuse_moe is not None:
+        _reused_checkpoint(Path(reuse_moe))
 
 
 def parse_lr_sweep(text: str) -> list[float]:
@@ -144,14 +145,24 @@ def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> boo
     return False
 
 
-def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
-    """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe)."""
+def _reused_checkpoint(src: Path) -> Path:
+    """The latest checkpoint of --reuse-moe's run folder; checked before anything is trained."""
     from .training import checkpoint as ckpt_io
 
+    if src.exists() or checks.blocking_file(src) is not None:  # a file where the run folder should be
+        checks.in_folder("--reuse-moe", src, "pass a finished `moe-lm train` run folder, or leave out --reuse-moe")
     latest = ckpt_io.find_latest(src) if src.is_dir() else None
     if latest is None:
         raise RunError(f"--reuse-moe {src}: no finished run there (no checkpoint)",
                        "train it first (moe-lm train --config ...), or leave out --reuse-moe")
+    return latest
+
+
+def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
+    """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe)."""
+    from .training import checkpoint as ckpt_io
+
+    latest = _reused_checkpoint(src)
     state = ckpt_io.read_state(latest)
     try:
         ckpt_io.check_config(latest, state, cfg)
