@@ -15,6 +15,8 @@ from moe_lm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MOE = ROOT / "configs" / "tiny-moe.yaml"
+# the error-message tests below name values of an 8-expert, d_model-128, 4-head config
+EIGHT = ROOT / "configs" / "step-limited.yaml"
 
 
 def test_overrides_win_over_the_file_which_wins_over_defaults(tmp_path):
@@ -55,7 +57,7 @@ def test_the_resolved_config_round_trips_through_yaml(tmp_path):
 ])
 def test_each_config_error_names_the_key_the_value_and_what_is_allowed(override, fragments):
     with pytest.raises(ConfigError) as err:
-        load_config(TINY_MOE, [override])
+        load_config(EIGHT, [override])
     for frag in fragments:
         assert frag in str(err.value)
     assert "\n" not in str(err.value)
@@ -164,6 +166,6 @@ def test_the_seed_takes_every_value_torch_and_numpy_accept():
 
 
 def test_a_capacity_factor_above_the_number_of_experts_is_refused():
-    assert load_config(TINY_MOE, ["model.moe.capacity_factor=8"]).model.moe.capacity_factor == 8.0
+    assert load_config(EIGHT, ["model.moe.capacity_factor=8"]).model.moe.capacity_factor == 8.0
     with pytest.raises(ConfigError, match=r"model.moe.capacity_factor = 8.5: must be at most model.moe.n_experts \(8\)"):
-        load_config(TINY_MOE, ["model.moe.capacity_factor=8.5"])
+        load_config(EIGHT, ["model.moe.capacity_factor=8.5"])
