@@ -41,7 +41,7 @@ EP = ("model.moe.expert_parallel=true", "train.batch_size=4")
 
 def tiny(data_dir: Path, *extra: str) -> list[str]:
     return [f"data.dir={data_dir}", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32",
-            "model.ffn_hidden=32", "model.moe.n_experts=4", "train.warmup_steps=2", "train.eval_batches=2",
+            "model.ffn_hidden=32", "model.moe.n_experts=4", "model.moe.top_k=2", "train.warmup_steps=2", "train.eval_batches=2",
             "train.device=cpu", "train.max_steps=6", "train.log_every=1", "train.eval_every=3",
             "train.checkpoint_every=3", "train.keep_checkpoints=5", *extra]
 

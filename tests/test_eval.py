@@ -29,7 +29,7 @@ TINY_MOE = ROOT / "configs" / "tiny-moe.yaml"
 
 def tiny(data_dir: Path, *extra: str) -> list[str]:
     return [f"data.dir={data_dir}", "model.d_model=32", "model.n_heads=2", "model.n_layers=2",
-            "model.seq_len=32", "model.ffn_hidden=32", "model.moe.n_experts=4", "train.batch_size=4",
+            "model.seq_len=32", "model.ffn_hidden=32", "model.moe.n_experts=4", "model.moe.top_k=2", "train.batch_size=4",
             "train.warmup_steps=2", "train.eval_batches=3", "train.device=cpu", *extra]
 
 
