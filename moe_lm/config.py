@@ -341,6 +341,10 @@ def validate(cfg: Config) -> None:
                "model.moe.top_k", e.top_k, "noisy_topk with top_k=1 gates every token by a softmax over one "
                "value (= 1), so its router learns only through a balance loss and here there is none: use "
                "top_k >= 2, a balance loss (model.moe.balance_loss=shazeer), or the switch router")
+        _check(e.router != "noisy_topk" or e.top_k < e.n_experts, "model.moe.top_k", e.top_k,
+               f"noisy_topk needs top_k below model.moe.n_experts ({e.n_experts}): its load estimator "
+               "(Shazeer et al. 2017, Appendix A) compares each score with the k-th best of the others, "
+               "which does not exist when every expert is chosen")
         _check(e.router != "switch" or e.top_k == 1, "model.moe.top_k", e.top_k,
                "the switch router sends each token to exactly 1 expert: set top_k=1")
         _check(1 <= e.every <= m.n_layers, "model.moe.every", e.every,

@@ -169,3 +169,11 @@ def test_a_capacity_factor_above_the_number_of_experts_is_refused():
     assert load_config(EIGHT, ["model.moe.capacity_factor=8"]).model.moe.capacity_factor == 8.0
     with pytest.raises(ConfigError, match=r"model.moe.capacity_factor = 8.5: must be at most model.moe.n_experts \(8\)"):
         load_config(EIGHT, ["model.moe.capacity_factor=8.5"])
+
+
+def test_noisy_topk_with_every_expert_chosen_is_refused():
+    # top_k = n_experts leaves no k-th best "other" score for Shazeer's load estimator (it gave NaN)
+    with pytest.raises(ConfigError, match=r"model.moe.top_k = 4: noisy_topk needs top_k below model.moe.n_experts \(4\)"):
+        load_config(EIGHT, ["model.moe.router=noisy_topk", "model.moe.balance_loss=shazeer", "model.moe.n_experts=4",
+                            "model.moe.top_k=4"])
+    assert load_config(EIGHT, ["model.moe.router=noisy_topk", "model.moe.n_experts=4", "model.moe.top_k=3"])
