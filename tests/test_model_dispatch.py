@@ -244,3 +244,75 @@ def test_the_layer_records_the_path_its_rule_took():
     layer.dispatch_path = "fused"
     layer(torch.randn(32, 16))
     assert layer.experts.last_path == "fused"
+
+
+# --- the fused path's expert threads (CPU): blocks of experts shared out over worker threads ---
+
+
+@pytest.fixture
+def two_threads_one_expert_per_block(monkeypatch):
+    """torch at 2 threads (the pool has 2 workers), and every expert a block of its own (many jobs)."""
+    keep = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(dispatch, "BLOCK_BYTES", 1)
+    calls = []
+    real_map = dispatch.ExpertThreads.map
+    monkeypatch.setattr(dispatch.ExpertThreads, "map", lambda self, fn, n: calls.append(n) or real_map(self, fn, n))
+    yield calls
+    torch.set_num_threads(keep)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("cf", [None, 0.5])
+def test_expert_threads_equal_the_per_token_reference(two_threads_one_expert_per_block, activation, cf):
+    calls = two_threads_one_expert_per_block
+    layer = make_layer(activation, E=8, k=2, cf=cf)
+    layer.dispatch_path = "fused"
+    x = torch.randn(40, 16)
+    C = math.ceil(cf * 40 * 2 / 8) if cf else None
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    assert len(calls) == 2 and min(calls) >= 6, calls  # forward and backward each went to the pool
+    ref = grads_of(lambda x: reference_layer(layer, x, capacity=C), layer, x)
+    for name, a, b in zip(["output", "d input", "d router", "d w_in", "d w_down"], ours, ref):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_expert_threads_give_the_same_bits_as_one_thread_inline(two_threads_one_expert_per_block):
+    """Each block runs single-threaded on a worker, and its results are summed in block order on
+    the caller: so the result is bitwise that of the same code inline at 1 thread, run after run."""
+    layer = make_layer("swiglu", E=16, k=4, d=64, h=32)
+    layer.dispatch_path = "fused"
+    x = torch.randn(256, 64)
+    pooled = [grads_of(lambda x: layer(x)[0], layer, x) for _ in range(2)]
+    assert two_threads_one_expert_per_block  # the pool ran
+    torch.set_num_threads(1)
+    inline = grads_of(lambda x: layer(x)[0], layer, x)
+    for a, b, c in zip(*pooled, inline):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_expert_threads_run_single_threaded_and_leave_the_callers_thread_count():
+    keep = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        pool = dispatch.expert_threads()
+        assert pool is not None and pool.n == 3
+        assert torch.get_num_threads() == 3
+        seen = pool.map(lambda i: (torch.get_num_threads(), torch.is_grad_enabled(), torch.ones(64, 64).sum().item()), 9)
+        assert seen == [(1, False, 4096.0)] * 9
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(keep)
+
+
+def test_an_error_in_a_job_is_raised_in_the_caller_and_the_pool_keeps_working():
+    pool = dispatch.ExpertThreads(2)
+
+    def job(i):
+        if i == 3:
+            raise ValueError("job 3 failed")
+        return i * i
+
+    with pytest.raises(ValueError, match="job 3 failed"):
+        pool.map(job, 8)
+    assert pool.map(lambda i: i + 1, 5) == [1, 2, 3, 4, 5]

@@ -11,23 +11,25 @@ them. Never a loop over tokens, no one-hot (T, E, C) tensors.
 Three paths, the same function (tests/test_model_dispatch.py checks each against a per-token
 reference, outputs and gradients):
 
+- "fused": a custom autograd Function looping over experts. Each expert gathers its rows by index,
+  runs gate_up -> activation -> down, and index_adds its scaled output; the backward does the
+  same walk with only the gathers/scatters it needs. Experts are grouped into blocks of rows
+  (plan_blocks); on a CPU with several torch threads the blocks are shared out over worker
+  threads that each run torch single-threaded (ExpertThreads), and their outputs are summed on
+  the caller in block order, so the result is bitwise that of one thread. Why: ~7 small
+  operations per expert, each a fork-join across all cores, made one descheduled thread stall
+  every join when another program held a core (64 experts top-8 went from 1.0x to 6.9x the
+  dense FFN with two busy loops on 2 cores; with whole blocks per thread: 1.03x, see
+  docs/PERFORMANCE.md). Per-block buffers stay small (on a CPU, glibc serves allocations under
+  32 MiB from its heap, while each larger one is a fresh mmap whose pages fault in at first
+  touch), and it saves only each block's pre-activation and output for the backward. No
+  padding. The CPU's path, and everywhere the path for unbalanced routing.
 - "padded": a custom autograd Function (`PaddedFFN`) that copies every expert's rows into one
   (E, C, d) buffer, C = the largest expert's rows, zero elsewhere; each matmul is then ONE bmm
   over all experts and the activation one call: about a dozen operations per direction whatever
-  E is. Each operation is a fork-join across the torch threads; when another program holds a core,
-  one descheduled thread makes the others wait at every join, so few large operations degrade like
-  the dense FFN while many small ones do not (measured: docs/PERFORMANCE.md). It computes
-  E·C rows instead of A, so it is taken only while E·C ≤ PAD_SLACK·A (balanced routing), and
-  only off the CPU: on 2 CPU cores with torch's threads sleeping at joins (OMP_WAIT_POLICY=PASSIVE,
-  set by moe_lm/__init__.py), "fused" measured faster (docs/PERFORMANCE.md). With spinning threads
-  beside other programs it was the other way round (64x8: padded 2.2x dense, fused 15x).
-- "fused": a custom autograd Function looping over experts. Each expert gathers its rows by index,
-  runs gate_up -> activation -> down, and index_adds its scaled output; the backward does the
-  same walk with only the gathers/scatters it needs. Per-expert buffers stay small (on a CPU,
-  glibc serves allocations under 32 MiB from its heap, while each larger one is a fresh mmap whose
-  pages fault in at first touch - measured at ~50 ms per 128 MiB on the reference machine; see
-  docs/PERFORMANCE.md), and it saves only each expert's pre-activation and output for the
-  backward. No padding. The CPU's path, and everywhere the path for unbalanced routing.
+  E is. It computes E·C rows instead of A, so it is taken only while E·C ≤ PAD_SLACK·A (balanced
+  routing), and only off the CPU, where "fused" measured faster quiet and busy alike
+  (docs/PERFORMANCE.md).
 - "grouped_mm": one gather, `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`) for
   gate_up and down over all experts, autograd through torch's own ops, and no host sync. Used on
   CUDA with bf16 where this torch has it (real grouped GEMM kernels there); on a CPU torch runs it
@@ -38,6 +40,10 @@ reference, outputs and gradients):
 
 from __future__ import annotations
 
+import itertools
+import os
+import queue
+import threading
 from typing import Optional
 
 import torch
@@ -60,7 +66,7 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
 
 def choose_path(x: torch.Tensor, sizes: Optional[list[int]] = None) -> str:
     """The rule: grouped_mm on CUDA in bf16 where torch has it; fused on a CPU (measured fastest
-    there once torch's OpenMP threads sleep rather than spin, see moe_lm/__init__.py); on other
+    there, quiet or beside busy programs, docs/PERFORMANCE.md); on other
     accelerators padded (a few large kernels instead of ~20 per expert) while
     E x max(sizes) ≤ PAD_SLACK x sum(sizes), else fused. sizes: assignments per expert (None:
     assume balanced)."""
@@ -195,6 +201,97 @@ def plan_blocks(sizes: list[int], row_bytes: int) -> list[tuple[int, int, list[t
     return blocks
 
 
+# ---------------------------------------------------------------------------------------------
+# expert threads (CPU): whole blocks of experts per thread instead of every operation split
+
+
+class ExpertThreads:
+    """A pool of `n` worker threads, each running torch single-threaded, that share out a list of
+    independent jobs (one block of experts each) by taking the next one off a counter.
+
+    Why: the fused path is ~7 small operations per expert; with torch's usual threading each one is
+    a fork-join across all cores, so when another program holds a core one descheduled thread
+    stalls every join (measured: 64 experts top-8 went from 1.0x to 6.9x the dense FFN with two
+    busy loops on 2 cores, docs/PERFORMANCE.md). Here a thread runs a whole block alone and takes
+    the next one when done, so a thread that is descheduled just does fewer blocks: one join per
+    layer and direction, like the dense FFN's few large matmuls.
+
+    Each worker sets its own OpenMP/MKL thread count to 1 (torch keeps those per thread); the
+    process-wide count is left as it was. Jobs run under no_grad. The first exception a job
+    raises is raised again in the caller, after every worker is idle.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self._queues = [queue.SimpleQueue() for _ in range(n)]
+        ready = threading.Barrier(n + 1)
+        keep = torch.get_num_threads()
+        for q in self._queues:
+            threading.Thread(target=self._worker, args=(q, ready), daemon=True,
+                             name="moe-lm-experts").start()
+        ready.wait()
+        torch.set_num_threads(keep)  # the workers' set_num_threads(1) also wrote the global value
+
+    @staticmethod
+    def _worker(q, ready) -> None:
+        torch.get_num_threads()  # torch's per-thread lazy init first, or it would undo the next line
+        torch.set_num_threads(1)
+        ready.wait()
+        while True:
+            job = q.get()
+            job()
+
+    def map(self, fn, n_jobs: int) -> list:
+        """[fn(0), ..., fn(n_jobs - 1)], run on the worker threads; blocks until all are done."""
+        results: list = [None] * n_jobs
+        errors: list = []
+        taken = itertools.count()
+        done = threading.Semaphore(0)
+
+        def drain():
+            try:
+                with torch.no_grad():
+                    for i in iter(taken.__next__, None):
+                        if i >= n_jobs or errors:
+                            break
+                        results[i] = fn(i)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+                errors.append(exc)
+            finally:
+                done.release()
+
+        for q in self._queues[:max(1, min(self.n, n_jobs))]:
+            q.put(drain)
+        for _ in range(max(1, min(self.n, n_jobs))):
+            done.acquire()
+        if errors:
+            raise errors[0]
+        return results
+
+
+_POOLS: dict[int, ExpertThreads] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the worker threads
+
+
+def expert_threads() -> Optional[ExpertThreads]:
+    """The pool for this process's torch thread count, or None when that count is 1 (run inline)."""
+    n = torch.get_num_threads()
+    if n <= 1 or threading.current_thread().name == "moe-lm-experts":
+        return None
+    if n not in _POOLS:
+        _POOLS[n] = ExpertThreads(n)
+    return _POOLS[n]
+
+
+def run_blocks(fn, n_jobs: int, device: torch.device) -> list:
+    """fn over range(n_jobs): on the expert threads for a CPU tensor with several torch threads,
+    else inline in order."""
+    pool = expert_threads() if device.type == "cpu" and n_jobs > 1 else None
+    if pool is None:
+        return [fn(i) for i in range(n_jobs)]
+    return pool.map(fn, n_jobs)
+
+
 class ExpertsFFN(torch.autograd.Function):
     """The "fused" path. Inputs sorted by expert: token_s (A,), weight_s (A,), sizes (E ints).
 
@@ -208,11 +305,10 @@ class ExpertsFFN(torch.autograd.Function):
     def forward(ctx, x, weight_s, w_in, w_down, token_s, sizes, activation):
         hid, d, width = w_down.shape[1], x.shape[1], w_in.shape[2]
         blocks = plan_blocks(sizes, x.element_size() * (width + 2 * hid + d))
-        out = torch.zeros_like(x)
-        saved = []
-        for s, e, segs in blocks:
-            rows = token_s[s:e]
-            xb = x.index_select(0, rows)
+
+        def block(i):  # -> h, act, silu(gate), y, and y scaled by the gate weights
+            s, e, segs = blocks[i]
+            xb = x.index_select(0, token_s[s:e])
             h = x.new_empty(e - s, width)
             for ex, a, b in segs:
                 torch.mm(xb[a - s:b - s], w_in[ex], out=h[a - s:b - s])
@@ -224,7 +320,13 @@ class ExpertsFFN(torch.autograd.Function):
             y = x.new_empty(e - s, d)
             for ex, a, b in segs:
                 torch.mm(act[a - s:b - s], w_down[ex], out=y[a - s:b - s])
-            out.index_add_(0, rows, y * weight_s[s:e, None].to(y.dtype))
+            return h, act, sg, y, y * weight_s[s:e, None].to(y.dtype)
+
+        done = run_blocks(block, len(blocks), x.device)
+        out = torch.zeros_like(x)
+        saved = []
+        for (s, e, _), (h, act, sg, y, scaled) in zip(blocks, done):  # in block order: deterministic sums
+            out.index_add_(0, token_s[s:e], scaled)
             saved += [h, act, sg, y]
         ctx.blocks, ctx.activation = blocks, activation
         ctx.empty_experts = [e for e, n in enumerate(sizes) if n == 0]
@@ -237,7 +339,6 @@ class ExpertsFFN(torch.autograd.Function):
         act_name, hid = ctx.activation, w_down.shape[1]
         need_x, need_w, need_win, need_wd = ctx.needs_input_grad[:4]
         g = g.contiguous()
-        dx = torch.zeros_like(x) if need_x else None
         dw = torch.zeros(weight_s.shape, dtype=g.dtype, device=g.device) if need_w else None
         # NOTE: empty, not zeros: a (64, 512, 1024) zero fill is a page-faulting 128 MiB write;
         # only the experts without rows are zeroed.
@@ -247,7 +348,10 @@ class ExpertsFFN(torch.autograd.Function):
             for grad in (dwin, dwd):
                 if grad is not None:
                     grad[e].zero_()
-        for i, (s, e, segs) in enumerate(ctx.blocks):
+        blocks = ctx.blocks
+
+        def block(i):  # writes this block's slices of dw, dwd, dwin; -> its rows of dL/dx or None
+            s, e, segs = blocks[i]
             h, act, sg, y = saved[4 * i:4 * i + 4]
             rows = token_s[s:e]
             gb = g.index_select(0, rows)  # (n, d)
@@ -258,7 +362,7 @@ class ExpertsFFN(torch.autograd.Function):
                 for ex, a, b in segs:
                     torch.mm(act[a - s:b - s].t(), gb[a - s:b - s], out=dwd[ex])
             if not (need_x or need_win):
-                continue
+                return None
             da = x.new_empty(e - s, hid)
             for ex, a, b in segs:
                 torch.mm(gb[a - s:b - s], w_down[ex].t(), out=da[a - s:b - s])
@@ -267,11 +371,19 @@ class ExpertsFFN(torch.autograd.Function):
                 xb = x.index_select(0, rows)
                 for ex, a, b in segs:
                     torch.mm(xb[a - s:b - s].t(), dh[a - s:b - s], out=dwin[ex])
-            if need_x:
-                dxb = x.new_empty(e - s, x.shape[1])
-                for ex, a, b in segs:
-                    torch.mm(dh[a - s:b - s], w_in[ex].t(), out=dxb[a - s:b - s])
-                dx.index_add_(0, rows, dxb)
+            if not need_x:
+                return None
+            dxb = x.new_empty(e - s, x.shape[1])
+            for ex, a, b in segs:
+                torch.mm(dh[a - s:b - s], w_in[ex].t(), out=dxb[a - s:b - s])
+            return dxb
+
+        done = run_blocks(block, len(blocks), x.device)
+        dx = None
+        if need_x:
+            dx = torch.zeros_like(x)
+            for (s, e, _), dxb in zip(blocks, done):  # in block order: deterministic sums
+                dx.index_add_(0, token_s[s:e], dxb)
         if dw is not None:
             dw = dw.to(weight_s.dtype)
         return dx, dw, dwin, dwd, None, None, None
