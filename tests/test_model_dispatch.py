@@ -255,6 +255,7 @@ def two_threads_one_expert_per_block(monkeypatch):
     keep = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(dispatch, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(dispatch, "THREADS_MIN_MACS", 0)  # these test layers are tiny
     calls = []
     real_map = dispatch.ExpertThreads.map
     monkeypatch.setattr(dispatch.ExpertThreads, "map", lambda self, fn, n: calls.append(n) or real_map(self, fn, n))
@@ -316,3 +317,19 @@ def test_an_error_in_a_job_is_raised_in_the_caller_and_the_pool_keeps_working():
     with pytest.raises(ValueError, match="job 3 failed"):
         pool.map(job, 8)
     assert pool.map(lambda i: i + 1, 5) == [1, 2, 3, 4, 5]
+
+
+def test_expert_threads_only_for_experts_big_enough_to_hide_the_handoff():
+    keep = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x512, x64 = torch.zeros(8192, 512), torch.zeros(4096, 64)
+        # 64 experts top-8 at d_model 512, SwiGLU width 2 x 256: 1,024 rows x 512 x 512 per expert
+        assert dispatch.use_expert_threads(x512, [1024] * 64, 512)
+        # the demo: 32 experts top-4 at d_model 64, width 2 x 64: 512 rows x 64 x 128 per expert
+        assert not dispatch.use_expert_threads(x64, [512] * 32, 128)
+        assert not dispatch.use_expert_threads(x512, [0] * 64, 512)
+        torch.set_num_threads(1)
+        assert not dispatch.use_expert_threads(x512, [1024] * 64, 512)
+    finally:
+        torch.set_num_threads(keep)

@@ -14,7 +14,8 @@ reference, outputs and gradients):
 - "fused": a custom autograd Function looping over experts. Each expert gathers its rows by index,
   runs gate_up -> activation -> down, and index_adds its scaled output; the backward does the
   same walk with only the gathers/scatters it needs. Experts are grouped into blocks of rows
-  (plan_blocks); on a CPU with several torch threads the blocks are shared out over worker
+  (plan_blocks); on a CPU with several torch threads and experts big enough
+  (use_expert_threads) the blocks are shared out over worker
   threads that each run torch single-threaded (ExpertThreads), and their outputs are summed on
   the caller in block order, so the result is bitwise that of one thread. Why: ~7 small
   operations per expert, each a fork-join across all cores, made one descheduled thread stall
@@ -283,10 +284,26 @@ def expert_threads() -> Optional[ExpertThreads]:
     return _POOLS[n]
 
 
-def run_blocks(fn, n_jobs: int, device: torch.device) -> list:
-    """fn over range(n_jobs): on the expert threads for a CPU tensor with several torch threads,
+# NOTE: the expert threads pay a Python-level handoff and share the GIL between small operations,
+# so they are used only when an expert's matmul is big enough to hide that: at least this many
+# multiply-adds on average (d_model 512 experts of width 256 with ~1,000 rows: 134M; the demo's
+# d_model 64, width 64, ~500 rows: 4M, where the inline loop measured as fast or faster).
+THREADS_MIN_MACS = 16 << 20
+
+
+def use_expert_threads(x: torch.Tensor, sizes: list[int], width: int) -> bool:
+    """Whether the fused path shares its blocks over the expert threads: a CPU tensor, several
+    torch threads, and experts' matmuls of at least THREADS_MIN_MACS on average."""
+    busy = [n for n in sizes if n]
+    if x.device.type != "cpu" or torch.get_num_threads() <= 1 or not busy:
+        return False
+    return sum(busy) * x.shape[1] * width / len(busy) >= THREADS_MIN_MACS
+
+
+def run_blocks(fn, n_jobs: int, threaded: bool) -> list:
+    """fn over range(n_jobs): on the expert threads when `threaded` (see use_expert_threads),
     else inline in order."""
-    pool = expert_threads() if device.type == "cpu" and n_jobs > 1 else None
+    pool = expert_threads() if threaded and n_jobs > 1 else None
     if pool is None:
         return [fn(i) for i in range(n_jobs)]
     return pool.map(fn, n_jobs)
@@ -322,13 +339,14 @@ class ExpertsFFN(torch.autograd.Function):
                 torch.mm(act[a - s:b - s], w_down[ex], out=y[a - s:b - s])
             return h, act, sg, y, y * weight_s[s:e, None].to(y.dtype)
 
-        done = run_blocks(block, len(blocks), x.device)
+        threaded = use_expert_threads(x, sizes, width)
+        done = run_blocks(block, len(blocks), threaded)
         out = torch.zeros_like(x)
         saved = []
         for (s, e, _), (h, act, sg, y, scaled) in zip(blocks, done):  # in block order: deterministic sums
             out.index_add_(0, token_s[s:e], scaled)
             saved += [h, act, sg, y]
-        ctx.blocks, ctx.activation = blocks, activation
+        ctx.blocks, ctx.activation, ctx.threaded = blocks, activation, threaded
         ctx.empty_experts = [e for e, n in enumerate(sizes) if n == 0]
         ctx.save_for_backward(x, weight_s, w_in, w_down, token_s, *saved)
         return out
@@ -378,7 +396,7 @@ class ExpertsFFN(torch.autograd.Function):
                 torch.mm(dh[a - s:b - s], w_in[ex].t(), out=dxb[a - s:b - s])
             return dxb
 
-        done = run_blocks(block, len(blocks), x.device)
+        done = run_blocks(block, len(blocks), ctx.threaded)
         dx = None
         if need_x:
             dx = torch.zeros_like(x)
