@@ -334,7 +334,7 @@ def generate(
     from . import checks
     from .generate import check_sampling, stream
     from .loading import load_model
-    from .training.trainer import resolve_device
+    from .device import resolve_device
 
     checks.option_number("--top-k", top_k, 0, 2**32, integer=True, hint="0 = every token")
     check_sampling(temperature, top_k or None, top_p, max_new_tokens)
@@ -368,23 +368,16 @@ def bench_train_cmd(
     """Training tokens/s of a config's model and of its dense twin, alternating in one process;
     their ratio, model FLOP utilisation against the measured matmul peak, and peak memory."""
     import json
-    import resource
 
-    from .bench import render_train
+    from .bench import bench_train, render_train
     from .config import load_config
-    from .training.trainer import bench_train
 
     cfg = load_config(config, overrides or [])
     r = bench_train(cfg, steps=steps, rounds=rounds, warmup=warmup, device=device)  # checks its options first
-    r["name"] = cfg.name
-    # NOTE: the process's peak resident memory, both models together (ru_maxrss is in KiB on Linux)
-    r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if json_out:
         console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
     else:
         render_train(r, console)
-        console.print(f"peak resident memory of this process (both models): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
-                      highlight=False)
 
 
 @bench_app.command("prepare")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import statistics
 import time
@@ -28,8 +27,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import checks
-from .config import LIMITS, SEED_MAX, Config, to_dict
+from .config import LIMITS, SEED_MAX, Config, config_differences
 from .errors import CheckpointError, ConfigError, RunError
+from .files import write_atomic
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
 
@@ -96,24 +96,6 @@ def variant_configs(cfg: Config, with_dense_total: bool = False) -> dict[str, Co
     if with_dense_total:
         out["dense-total"] = dense_total(cfg)
     return out
-
-
-def config_differences(a: Config, b: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs (for the report and the tests)."""
-    def flat(d: Any, prefix: str = "") -> dict:
-        items = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                items.update(flat(v, key + "."))
-            else:
-                items[key] = v
-        return items
-
-    fa, fb = flat(to_dict(a)), flat(to_dict(b))
-    diffs = {k for k in set(fa) | set(fb) if fa.get(k, "(absent)") != fb.get(k, "(absent)")}
-    # model.moe: null on one side already says all of model.moe.* differs
-    return sorted(k for k in diffs if not any(k.startswith(p + ".") for p in diffs))
 
 
 def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> Config:
@@ -515,17 +497,10 @@ def write_report(report: dict, out: Path) -> dict:
     from .plots import plot_compare
 
     files = {}
-    files["json"] = _write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    files["json"] = write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     files.update(plot_compare(report, out))
-    files["md"] = _write_atomic(out / "report.md", render_markdown(report, files))
+    files["md"] = write_atomic(out / "report.md", render_markdown(report, files))
     return files
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def render_markdown(report: dict, files: dict) -> str:

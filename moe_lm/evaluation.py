@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .errors import DataError
+from .files import write_atomic
 
 STARVED = 0.25  # an expert under this fraction of the uniform share is "starved" (as the collapse alarm)
 TOP_TOKENS = 8  # tokens listed per expert
@@ -255,7 +256,8 @@ PASSAGE_STREAM = 17  # the passages' random stream, apart from eval_windows' own
 
 
 def _moe_layers(model) -> list[tuple[int, Any]]:
-    return [(i, b.mlp) for i, b in enumerate(model.layers) if b.is_moe]
+    """(block index, MoE layer) of each MoE layer of the model, in block order."""
+    return list(zip(model.moe_layer_ids(), model.moe_layers()))
 
 
 @contextmanager
@@ -367,7 +369,6 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
     from .data.shards import TokenData
     from .data.tokenizer import eot_id, token_texts
     from .loading import check_same_tokenizer, load_model
-    from .training.trainer import resolve_device
 
     html_path = check_html_path(html) if html not in (None, False, True) else None
     if text is not None and not text.strip():
@@ -485,10 +486,7 @@ def write_outputs(report: EvalReport, out_dir: Path, title: str = "") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     path = out_dir / "eval.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    files["json"] = path
+    files["json"] = write_atomic(path, json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n")
     if report.layers:
         from .plots import plot_eval_load
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from .files import write_atomic
 
 # 64 categorical colours: Tableau 10 (its first 9, grey left out) extended by a greedy
 # farthest-point choice in CIELAB (every pair at least ΔE 23 apart; none grey, the no-expert
@@ -209,11 +210,7 @@ def write_page(report: dict, path: Path | str) -> Path:
     the path first (`evaluation.check_html_path`).
     """
     path = Path(path)
-    text = build_page(report)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, build_page(report))
 
 
 _CSS = """

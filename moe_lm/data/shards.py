@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional
 import numpy as np
 
 from ..errors import DataError
+from ..files import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -35,14 +36,6 @@ PREPARE_HINT = "prepare it again with `moe-lm prepare --overwrite` (add the opti
 def token_dtype(vocab_size: int) -> str:
     """uint16 when every id fits (vocab ≤ 65536), else uint32."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+
+from ..files import write_atomic
 
 # The collapse alarm fires when an expert's share of tokens stays under LOW_SHARE x uniform, or a
 # layer's max/mean load stays above HIGH_MAX_MEAN, for ALARM_PATIENCE evaluations in a row.
@@ -315,13 +316,7 @@ def truncate_metrics(path: Path, after_step: int, source: Optional[Path] = None)
     path = Path(path)
     src = Path(source) if source is not None else path
     kept = [r for r in read_metrics(src) if int(r.get("step", 0)) <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in kept:
-            f.write(json.dumps(r, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
 
 
 class TensorBoardSink:

@@ -42,6 +42,8 @@ from .. import __version__
 from .. import checks, distributed, signals
 from ..config import Config, config_warnings, dump_yaml, validate
 from ..errors import ConfigError, DataError, RunError, TrainingError
+from ..device import device_name, resolve_device, synchronize
+from ..files import write_atomic
 from . import checkpoint as ckpt_io
 from .metrics import (CollapseAlarm, JsonlSink, LoadMeter, TensorBoardSink, TrainDisplay, eval_record,
                       event_record, fmt_duration, tensorboard_available, train_record,
@@ -387,30 +389,6 @@ def _check_parallel(cfg: Config, ctx: distributed.Dist) -> None:
                           f"the number of processes ({n})", "change --nproc_per_node or model.moe.n_experts")
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto",
-                   name: str = "train.device") -> tuple[torch.device, Optional[torch.dtype]]:
-    """-> (device, autocast dtype or None for plain float32). `name`: the key or option the device
-    came from, for the error (checks.device: one of auto | cpu | cuda | mps, and present here)."""
-    checks.device(name, device)
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    dev = torch.device(device)
-    if dtype == "auto":
-        # NOTE: bf16 on a CPU without bf16 units is slower than fp32, so auto means fp32 there.
-        return dev, (torch.bfloat16 if dev.type == "cuda" else None)
-    if dtype == "float32":
-        return dev, None
-    if dtype == "float16" and dev.type != "cuda":
-        raise ConfigError(f"train.dtype = 'float16' needs a CUDA device (this run is on {dev.type})",
-                          "use train.dtype=float32 or bfloat16")
-    return dev, {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def _plan_resume(run_dir: Path, resume: Optional[str], overwrite: bool, cfg: Config, data) -> tuple[Optional[Path], Optional[dict]]:
     """Which checkpoint to start from (verified: files, config, tokenizer), or None to start fresh."""
     exists = run_dir.exists() and any(run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
@@ -532,8 +510,8 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, start_ckpt: Optional[Path], ste
                 truncate_metrics(metrics, step, source=source if source.is_file() else metrics)
             else:
                 truncate_metrics(metrics, step)
-    ckpt_io.write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    ckpt_io.write_atomic(run_dir / "env.json", json.dumps(environment(device, amp_dtype, command_line, data,
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    write_atomic(run_dir / "env.json", json.dumps(environment(device, amp_dtype, command_line, data,
                                                                        start_ckpt), indent=1))
 
 
@@ -829,116 +807,3 @@ def _resume_command(command_line: Optional[list[str]], run_dir: Path, world_size
     elif not any(a.startswith("--resume=") for a in args):
         args.append("--resume auto")
     return " ".join(args)
-
-
-# ---------------------------------------------------------------------------------------------
-# benchmark (library side of benchmarks/bench_train.py and `moe-lm bench train`)
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
-                        repeats: int = 5, inner: int = 5) -> float:
-    """Best observed FLOP/s of an n x n matmul on `device` (the machine's practical peak).
-    n: 1024 on a CPU; 8192 on a GPU (smaller products leave a big GPU far from its peak)."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return 2 * n**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2,
-                vocab_size: Optional[int] = None, device: Optional[str] = None) -> dict:
-    """Training tokens/s of cfg's MoE model and of its dense twin, measured alternately in one
-    process (median over `rounds` rounds of `steps` optimizer steps each), their ratio, and model
-    FLOP utilisation against this machine's measured matmul peak.
-
-    Uses random token batches (no data folder needed); vocab_size: from the config, else the data
-    folder, else 8192.
-    """
-    from ..model.accounting import dense_twin, flops_per_token
-    from ..model.transformer import Transformer
-
-    for option, v, lo in (("--steps", steps, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
-        checks.option_number(option, v, lo, 10**6, integer=True)
-    cfg = copy.deepcopy(cfg)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = vocab_size or _data_vocab(cfg) or 8192
-    dev, amp_dtype = resolve_device(device or cfg.train.device, cfg.train.dtype, "--device" if device else "train.device")
-    amp = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
-    variants = {"moe": cfg, "dense": dense_twin(cfg)} if cfg.model.moe is not None else {"dense": cfg}
-    t = cfg.train
-    bs, seq = t.batch_size // t.grad_accum, cfg.model.seq_len
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.model.vocab_size, (bs, seq + 1), generator=g).to(dev)
-    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    runs = {}
-    for name, c in variants.items():
-        seed_everything(t.seed)
-        model = Transformer(c.model).to(dev)
-        opt = build_optimizer(model, c, dev)
-        fwd = torch.compile(model) if t.compile else model
-        runs[name] = {"cfg": c, "model": model, "opt": opt, "fwd": fwd, "times": [],
-                      "params": sum(p.numel() for p in model.parameters()),
-                      "fpt": training_flops_per_token(flops_per_token, c.model)}
-
-    def one_step(r) -> None:
-        with amp():
-            out = r["fwd"](inp, tgt)
-        loss = out.loss + _as_tensor(out.aux_loss, out.loss) + _as_tensor(out.z_loss, out.loss)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
-        r["opt"].step()
-        r["opt"].zero_grad(set_to_none=True)
-        r["model"].update_router_biases()
-
-    for r in runs.values():
-        for _ in range(warmup):
-            one_step(r)
-    _sync(dev)
-    for _ in range(rounds):
-        for r in runs.values():  # NOTE: alternate, so drifts in clock speed hit both alike
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                one_step(r)
-            _sync(dev)
-            r["times"].append((time.perf_counter() - t0) / steps)
-    peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
-    out: dict[str, Any] = {"device": dev.type, "device_name": _device_name(dev), "threads": torch.get_num_threads(),
-                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                           "precision": "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
-                           "batch_tokens": bs * seq, "matmul_peak_flops": peak, "models": {}}
-    for name, r in runs.items():
-        step_s = statistics.median(r["times"])
-        tps = bs * seq / step_s
-        out["models"][name] = {
-            "params": r["params"], "flops_per_token": r["fpt"], "step_s": step_s, "tokens_per_s": tps,
-            "tokens_per_s_spread": [bs * seq / max(r["times"]), bs * seq / min(r["times"])],
-            "achieved_flops": tps * r["fpt"], "mfu": tps * r["fpt"] / peak,
-        }
-    if "moe" in out["models"]:
-        out["moe_over_dense_tokens_per_s"] = out["models"]["moe"]["tokens_per_s"] / out["models"]["dense"]["tokens_per_s"]
-    return out
-
-
-def _data_vocab(cfg: Config) -> Optional[int]:
-    try:
-        from ..data.shards import TokenData
-
-        return int(TokenData.open(Path(cfg.data.dir)).vocab_size)
-    except Exception:  # noqa: BLE001 - only a default
-        return None
