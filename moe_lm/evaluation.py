@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from .device import resolve_device
 from .errors import DataError
 from .files import write_atomic
+from .stats import STARVED, perplexity
 
-STARVED = 0.25  # an expert under this fraction of the uniform share is "starved" (as the collapse alarm)
 TOP_TOKENS = 8  # tokens listed per expert
 MIN_COUNT_SELECTIVE = 20  # a token must occur this often to be listed as selective
 N_PASSAGES = 3  # evaluation windows recorded token by token (eval.json "passages", the routing page)
@@ -222,7 +222,7 @@ def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, 
     loss = float(nll) / max(count, 1)
     windows = "all" if n_batches is None else f"sample of {n_batches} batches x {batch_size} windows (seed {seed})"
     layers = [_layer_report(a, domain_names, decode) for a in accs]
-    return EvalReport(split="", loss=loss, ppl=math.exp(min(loss, 50.0)), n_tokens=count, windows=windows,
+    return EvalReport(split="", loss=loss, ppl=perplexity(loss), n_tokens=count, windows=windows,
                       layers=layers, seconds=time.perf_counter() - t0, passages=shown)
 
 
@@ -498,7 +498,7 @@ def render_report(report: EvalReport, console, files: Optional[dict] = None, top
     """The console view: perplexity, the routing table, specialisation."""
     from rich.table import Table
 
-    from .training.metrics import heat_row
+    from .training.display import heat_row
 
     console.print(
         f"[bold]{report.split}[/] perplexity [bold]{report.ppl:.2f}[/] (loss {report.loss:.4f} nats/token) over "

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
+from .stats import STARVED
 
 # 64 categorical colours: Tableau 10 (its first 9, grey left out) extended by a greedy
 # farthest-point choice in CIELAB (every pair at least ΔE 23 apart; none grey, the no-expert
@@ -45,7 +46,6 @@ PALETTE = [
     "#962d2d", "#f0784b", "#ffb4c3", "#96a5ff", "#87a53c", "#d22d87", "#78b400", "#96ff96",
     "#003cc3", "#4b9687", "#a5783c", "#f0e1a5", "#ff69e1", "#e13c5a", "#e196ff", "#9696c3",
 ]
-STARVED = 0.25  # as evaluation.STARVED (kept here so the page needs only the report's dict)
 
 
 def _luminance(hex_colour: str) -> float:

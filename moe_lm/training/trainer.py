@@ -45,9 +45,11 @@ from ..errors import ConfigError, DataError, RunError, TrainingError
 from ..device import device_name, resolve_device, synchronize
 from ..files import write_atomic
 from . import checkpoint as ckpt_io
-from .metrics import (CollapseAlarm, JsonlSink, LoadMeter, TensorBoardSink, TrainDisplay, eval_record,
-                      event_record, fmt_duration, tensorboard_available, train_record,
-                      truncate_metrics)
+from .alarm import CollapseAlarm
+from .display import TrainDisplay, fmt_duration
+from .load import LayerLoad, LoadMeter
+from .metrics import (JsonlSink, TensorBoardSink, eval_record, event_record, read_metrics, tensorboard_available,
+                      train_record, truncate_metrics)
 
 
 @dataclass
@@ -749,8 +751,6 @@ def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_from_json(d: dict):
-    from .metrics import LayerLoad
-
     return LayerLoad(d["layer"], d["load"], d["max_mean"], d["cv"], d["dropped_frac"], d["entropy"],
                      d["balance_loss"], d["z_loss"])
 
@@ -763,7 +763,7 @@ def _make_plots(run_dir: Path, console) -> list[Path]:
     try:
         from ..plots import plot_run
 
-        return plot_run(run_dir)
+        return plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots", title=run_dir.name)
     except Exception as exc:  # noqa: BLE001 - a figure must never cost the user a finished run
         console.print(f"warning: could not draw plots ({type(exc).__name__}: {exc})", markup=False, highlight=False)
         return []
