@@ -382,7 +382,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
     """
     from .model.accounting import dense_twin, flops_per_token
     from .model.transformer import Transformer
-    from .training.trainer import build_optimizer, seed_everything
+    from .training.step import build_optimizer, seed_everything
 
     for option, v, lo in (("--steps", steps, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
         checks.option_number(option, v, lo, 10**6, integer=True)

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from . import checks
 from .config import LIMITS, SEED_MAX, Config, config_differences
-from .errors import CheckpointError, ConfigError, RunError
+from .errors import ConfigError
 from .files import write_atomic
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
@@ -67,7 +67,9 @@ def check_options(cfg: Config, *, seeds: int, lr_sweep: Optional[list[float]], o
     checks.device("--device", device)
     checks.out_folder("--out", out_dir)
     if reuse_moe is not None:
-        _reused_checkpoint(Path(reuse_moe))
+        from .training.runs import check_reusable
+
+        check_reusable(Path(reuse_moe))
 
 
 def parse_lr_sweep(text: str) -> list[float]:
@@ -107,53 +109,26 @@ def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> 
 
 
 def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> bool:
-    """Train cfg into run_dir, resuming a partial run; True when a finished run was reused."""
-    from .training import checkpoint as ckpt_io
+    """Train cfg into run_dir, resuming a partial run; True when a finished run was reused.
+    overwrite: train again from scratch whatever run_dir holds."""
+    from .training.runs import find_run
     from .training.trainer import train
 
-    latest = ckpt_io.find_latest(run_dir) if run_dir.is_dir() else None
-    if latest is not None and not overwrite:
-        state = ckpt_io.read_state(latest)
-        try:
-            ckpt_io.check_config(latest, state, cfg)
-        except Exception as exc:  # noqa: BLE001 - say what to do in terms of this command
-            raise RunError(f"{run_dir} holds a run of another config ({exc})",
-                           "rerun compare-dense with --overwrite, or give it another --out") from None
-        if state["step"] >= cfg.train.max_steps:
-            return True
-        train(cfg, out_dir=run_dir, resume=str(latest), console=console, plots=False)
+    found = None if overwrite else find_run(run_dir, cfg, asked_by="compare-dense")
+    if found is None:
+        train(cfg, out_dir=run_dir, overwrite=run_dir.exists(), console=console, plots=False)
         return False
-    train(cfg, out_dir=run_dir, overwrite=run_dir.exists(), console=console, plots=False)
+    if found.finished:
+        return True
+    train(cfg, out_dir=run_dir, resume=str(found.checkpoint), console=console, plots=False)
     return False
-
-
-def _reused_checkpoint(src: Path) -> Path:
-    """The latest checkpoint of --reuse-moe's run folder; checked before anything is trained."""
-    from .training import checkpoint as ckpt_io
-
-    if src.exists() or checks.blocking_file(src) is not None:  # a file where the run folder should be
-        checks.in_folder("--reuse-moe", src, "pass a finished `moe-lm train` run folder, or leave out --reuse-moe")
-    latest = ckpt_io.find_latest(src) if src.is_dir() else None
-    if latest is None:
-        raise RunError(f"--reuse-moe {src}: no finished run there (no checkpoint)",
-                       "train it first (moe-lm train --config ...), or leave out --reuse-moe")
-    return latest
 
 
 def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
     """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe)."""
-    from .training import checkpoint as ckpt_io
+    from .training.runs import finished_run
 
-    latest = _reused_checkpoint(src)
-    state = ckpt_io.read_state(latest)
-    try:
-        ckpt_io.check_config(latest, state, cfg)
-    except CheckpointError as exc:  # say it in terms of this command
-        raise RunError(f"--reuse-moe {src} was trained with another config ({exc})",
-                       "pass a run of the same config and seed, or leave out --reuse-moe") from None
-    if state["step"] < cfg.train.max_steps:
-        raise RunError(f"--reuse-moe {src} stopped at step {state['step']} of {cfg.train.max_steps}",
-                       f"finish it first (moe-lm train --config ... --resume auto --out {src})")
+    finished_run(src, cfg)
     tmp = run_dir.with_name(run_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("eval.json", "plots"))
@@ -205,15 +180,15 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
     `seeds` seeds; write report.json, report.md and the PNGs into `out_dir`; return the report."""
     from rich.console import Console
 
+    from .data.shards import open_for_config
     from .model.accounting import flops_per_token, param_counts
-    from .training.trainer import _open_data
 
     console = console if console is not None else Console()
     check_options(cfg, seeds=seeds, lr_sweep=lr_sweep, out_dir=out_dir, device=device, reuse_moe=reuse_moe)
     cfg = copy.deepcopy(cfg)
     if cfg.model.moe is None:  # refuse a dense config before touching the data
         variant_configs(cfg)
-    _open_data(cfg)  # fails early on missing data; fills model.vocab_size
+    cfg.model.vocab_size = int(open_for_config(cfg).vocab_size)  # fails early on missing or unfit data
     variants = variant_configs(cfg, with_dense_total)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"compare-{cfg.name}"
     out.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (the global batch)
     # micro-batches per step; each holds batch_size / grad_accum sequences. Changes memory use (and,
     # with a balance loss, adds one no-gradient forward per step), not the data, losses or gradient:
-    # balance statistics stay the whole batch's (training.trainer.accumulate_gradients)
+    # balance statistics stay the whole batch's (training.step.accumulate_gradients)
     grad_accum: int = 1
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio

@@ -164,10 +164,17 @@ def find_latest(run_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` names a checkpoint folder (it holds a state.json, or is named step-NNNNNNN),
+    rather than a run folder."""
+    path = Path(path)
+    return (path / "state.json").is_file() or STEP_DIR.match(path.name) is not None
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run folder / checkpoints folder (-> its latest checkpoint)."""
     path = Path(path)
-    if (path / "state.json").is_file() or STEP_DIR.match(path.name):
+    if is_checkpoint_dir(path):
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist", _earlier_hint(path))
         return path

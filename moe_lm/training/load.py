@@ -10,12 +10,14 @@ feeds the validation ones to the collapse alarm (alarm.CollapseAlarm), as LayerL
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from ..stats import load_summary, round_sig
+
 
 @dataclass
 class LayerLoad:
@@ -30,17 +32,16 @@ class LayerLoad:
     balance_loss: float  # this layer's balance loss (coefficient applied)
     z_loss: float  # this layer's router z-loss (coefficient applied)
 
+    def rounded(self) -> "LayerLoad":
+        """The same load at the precision metrics.jsonl keeps: shares and dropped fraction to 6
+        decimals, max/mean, cv and entropy to 4, the losses to 8 significant digits."""
+        return LayerLoad(self.layer, [round(s, 6) for s in self.load], round(self.max_mean, 4), round(self.cv, 4),
+                         round(self.dropped_frac, 6), round(self.entropy, 4), round_sig(self.balance_loss),
+                         round_sig(self.z_loss))
+
     def to_json(self) -> dict:
-        return {
-            "layer": self.layer,
-            "load": [round(s, 6) for s in self.load],
-            "max_mean": round(self.max_mean, 4),
-            "cv": round(self.cv, 4),
-            "dropped_frac": round(self.dropped_frac, 6),
-            "entropy": round(self.entropy, 4),
-            "balance_loss": round_sig(self.balance_loss),
-            "z_loss": round_sig(self.z_loss),
-        }
+        """A metrics.jsonl "layers" entry (rounded; keys in field order)."""
+        return dataclasses.asdict(self.rounded())
 
 
 def _scalar(x: Any) -> torch.Tensor:
