@@ -483,6 +483,17 @@ def render_train(r: dict, console) -> None:
 # `moe-lm bench prepare` (measured by data.prepare.bench_prepare)
 
 
+def prepare_throughput(max_bytes: Optional[int] = None, vocab_size: int = 8192, repeats: int = 1) -> dict:
+    """`moe-lm bench prepare`: data.prepare.bench_prepare `repeats` times (options checked first:
+    ConfigError), the median run with every run's tokenisation MB/s (median_prepare)."""
+    from .data.prepare import bench_prepare
+
+    checks.option_number("--repeats", repeats, 1, 1000, integer=True)
+    checks.option_number("--max-bytes", max_bytes, 1, integer=True, hint="or leave it out for the whole corpus")
+    checks.option_number("--vocab-size", vocab_size, 257, 2**32, integer=True)
+    return median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(repeats)])
+
+
 def median_prepare(runs: list[dict]) -> dict:
     """The median of several bench_prepare runs (by tokenisation MB/s), with every run's figure."""
     r = dict(sorted(runs, key=lambda x: x["tokenise_mb_s"])[len(runs) // 2])

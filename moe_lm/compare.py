@@ -174,16 +174,21 @@ def _summarise(variant: str, cfg: Config, run_dir: Path, ev: dict, reused: bool)
 
 
 def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False, out_dir: Optional[Path] = None,
-                  lr_sweep: Optional[list[float]] = None, overwrite: bool = False, device: str = "auto",
+                  lr_sweep: Optional[str | list[float]] = None, overwrite: bool = False, device: str = "auto",
                   console: Any = None, reuse_moe: Optional[Path] = None) -> dict:
     """Train the MoE, its dense twin (and optionally the equal-total-parameter dense model) over
-    `seeds` seeds; write report.json, report.md and the PNGs into `out_dir`; return the report."""
+    `seeds` seeds; write report.json, report.md and the PNGs into `out_dir`; return the report.
+
+    lr_sweep: learning rates, as a list or as --lr-sweep's text ("1e-3,3e-3"); every option is
+    checked before anything is trained (ConfigError, RunError)."""
     from rich.console import Console
 
     from .data.shards import open_for_config
     from .model.accounting import flops_per_token, param_counts
 
     console = console if console is not None else Console()
+    if isinstance(lr_sweep, str):
+        lr_sweep = parse_lr_sweep(lr_sweep)
     check_options(cfg, seeds=seeds, lr_sweep=lr_sweep, out_dir=out_dir, device=device, reuse_moe=reuse_moe)
     cfg = copy.deepcopy(cfg)
     if cfg.model.moe is None:  # refuse a dense config before touching the data

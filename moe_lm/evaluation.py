@@ -352,15 +352,37 @@ def _show(decode, token_id: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # the command
 
+RUN_SAMPLE = -1  # run_eval's n_batches for the run's own evaluation sample (train.eval_batches, seed train.seed)
 
-def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] = -1, data_dir: Optional[Path] = None,
+
+def check_options(*, split: str = "val", batches: Optional[int] = None, all_tokens: bool = False,
+                  device: str = "auto", data_dir: Optional[Path] = None, out_dir: Optional[Path] = None) -> Optional[int]:
+    """`moe-lm eval`'s options, checked before any work (ConfigError naming the option): --all and
+    --batches N contradict each other, N in [1, 2^20], a known split and device, an existing data
+    folder, an output folder that is not a file. Returns run_eval's n_batches for them: None for
+    every token (--all), N for a seeded sample of N batches, RUN_SAMPLE for neither."""
+    from . import checks
+    from .errors import ConfigError
+
+    if all_tokens and batches is not None:
+        raise ConfigError("--all and --batches contradict each other", "pass one of them")
+    checks.option_number("--batches", batches, 1, 2**20, integer=True, hint="or pass --all for the whole split")
+    checks.choice("--split", split, ("val", "test", "train"))
+    checks.device("--device", device)
+    checks.in_folder("--data", data_dir, "pass a folder written by `moe-lm prepare`")
+    checks.out_folder("--out", out_dir)
+    return None if all_tokens else (batches if batches is not None else RUN_SAMPLE)
+
+
+def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] = RUN_SAMPLE,
+             data_dir: Optional[Path] = None,
              out_dir: Optional[Path] = None, device: str = "auto", console: Any = None,
              write: bool = True, passages: int = N_PASSAGES, text: Optional[str] = None,
              html: Path | str | bool | None = None) -> tuple[EvalReport, dict]:
     """Load a run / checkpoint, evaluate it on `split`, write eval.json and the load heatmap.
 
-    n_batches: -1 = the trainer's own evaluation sample (train.eval_batches, seed train.seed);
-    None = every token of the split; N = a seeded sample of N batches. passages: how many of the
+    n_batches: RUN_SAMPLE (-1) = the trainer's own evaluation sample (train.eval_batches, seed
+    train.seed); None = every token of the split; N = a seeded sample of N batches. passages: how many of the
     pass's windows `report.passages` records token by token; text: the user's own text to record
     instead (see `read_user_text`; cut after MAX_TEXT_TOKENS tokens). html: also write the routing
     page (`moe_lm.routing_page`): True = <out>/routing.html, or a file path whose folder exists
@@ -388,7 +410,7 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
     tokens = data.split(split)
     tok = loaded.tokenizer()
     batch_size = max(1, cfg.train.batch_size // cfg.train.grad_accum)
-    if n_batches == -1:
+    if n_batches == RUN_SAMPLE:
         n_batches, seed = cfg.train.eval_batches, cfg.train.seed
     else:
         seed = cfg.train.seed

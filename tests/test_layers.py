@@ -1,4 +1,4 @@
-"""The package's shape (docs/ARCHITECTURE.md): no import circle.
+"""The package's shape (docs/ARCHITECTURE.md): no import circle, and a thin command line.
 
 Read from the source with `ast`, so every import counts - those at module level and those inside
 functions (a lazy import still ties two modules together) - except the ones under
@@ -13,11 +13,16 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "moe_lm"
 
 
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
+
+# What cli.py may import besides the library: typer and rich, and the standard library's plumbing
+# for a command line - argv and the exit status, paths as option types, type hints, --json output,
+# and building prepare's options from their dataclass (data.prepare.PrepareOptions). Nothing that
+# measures, computes or decides (no resource, os, time, math...).
+CLI_ALLOWED = {"typer", "rich", "__future__", "sys", "pathlib", "typing", "json", "dataclasses", "inspect"}
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
@@ -108,3 +113,18 @@ def test_the_reader_sees_lazy_imports_and_resolves_relative_ones():
 
 def test_no_module_imports_a_module_that_imports_it_back():
     assert cycles() == []
+
+
+def test_the_command_line_imports_only_the_library_typer_and_rich():
+    found = []
+    for target, names, line in imports("moe_lm.cli"):
+        root = target.split(".")[0]
+        if root == "moe_lm":
+            private = [n for n in names if n.startswith("_") and not n.endswith("__")]
+            if private or any(part.startswith("_") for part in target.split(".")):
+                found.append(f"line {line}: private {target} {private}")
+        elif root not in CLI_ALLOWED:
+            found.append(f"line {line}: {target}")
+    source = MODULES["moe_lm.cli"].read_text(encoding="utf-8")
+    assert "importlib" not in source and "__import__" not in source  # no import the reader cannot see
+    assert found == []
