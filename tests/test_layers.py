@@ -1,4 +1,5 @@
-"""The package's shape (docs/ARCHITECTURE.md): no import circle, and a thin command line.
+"""The package's shape (docs/ARCHITECTURE.md): no import circle, no arrow back up the layers, and a
+thin command line.
 
 Read from the source with `ast`, so every import counts - those at module level and those inside
 functions (a lazy import still ties two modules together) - except the ones under
@@ -25,6 +26,25 @@ def module_name(path: Path) -> str:
 CLI_ALLOWED = {"typer", "rich", "__future__", "sys", "pathlib", "typing", "json", "dataclasses", "inspect"}
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+# The layers of docs/ARCHITECTURE.md's picture, bottom up. A module imports from its own layer or
+# those below, never from above; a new module has to be placed here (and in the picture).
+LAYERS = [
+    ("helpers", ["moe_lm", "moe_lm.errors", "moe_lm.checks", "moe_lm.config", "moe_lm.signals", "moe_lm.files",
+                 "moe_lm.device", "moe_lm.stats", "moe_lm.plots"]),
+    ("model and data", ["moe_lm.distributed", "moe_lm.model", "moe_lm.model.transformer", "moe_lm.model.moe",
+                        "moe_lm.model.dispatch", "moe_lm.model.routing", "moe_lm.model.losses",
+                        "moe_lm.model.accounting", "moe_lm.data", "moe_lm.data.sources", "moe_lm.data.tokenizer",
+                        "moe_lm.data.bpe_worker", "moe_lm.data.shards", "moe_lm.hf_format", "moe_lm.routing_page"]),
+    ("training's parts, reading runs", ["moe_lm.training", "moe_lm.training.load", "moe_lm.training.alarm",
+                                        "moe_lm.training.display", "moe_lm.training.metrics",
+                                        "moe_lm.training.checkpoint", "moe_lm.training.step",
+                                        "moe_lm.training.evaluator", "moe_lm.training.runs", "moe_lm.loading"]),
+    ("the commands' library side", ["moe_lm.data.prepare", "moe_lm.training.trainer", "moe_lm.evaluation",
+                                    "moe_lm.compare", "moe_lm.export", "moe_lm.generate", "moe_lm.bench"]),
+    ("the command line", ["moe_lm.cli", "moe_lm.__main__"]),
+]
+LAYER = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 
 
 def _type_checking_only(node: ast.AST, parents: dict) -> bool:
@@ -113,6 +133,16 @@ def test_the_reader_sees_lazy_imports_and_resolves_relative_ones():
 
 def test_no_module_imports_a_module_that_imports_it_back():
     assert cycles() == []
+
+
+def test_every_module_has_a_layer():
+    assert sorted(set(MODULES) - set(LAYER)) == [] and sorted(set(LAYER) - set(MODULES)) == []
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    up = [f"{m} ({LAYERS[LAYER[m]][0]}) imports {e} ({LAYERS[LAYER[e]][0]})"
+          for m in sorted(MODULES) for e in sorted(edges(m)) if LAYER[e] > LAYER[m]]
+    assert up == []
 
 
 def test_the_command_line_imports_only_the_library_typer_and_rich():
