@@ -45,7 +45,8 @@ class RunSummary:
     val_tokens: int
     tokens: int  # training tokens
     flops: float  # training FLOPs (router included for the MoE)
-    wall_s: float  # training wall-clock seconds (evaluations and checkpoints excluded, as the trainer counts)
+    wall_s: float  # training wall-clock seconds, as the trainer counts them (its metrics.jsonl wall_s):
+    # the optimizer steps alone - evaluations, checkpoints, logging and start-up excluded
     tokens_per_s: float
     curve: list[dict] = field(default_factory=list)  # the trainer's evaluations: step, flops, wall_s, val_loss
     reused: bool = False
