@@ -356,7 +356,8 @@ RUN_SAMPLE = -1  # run_eval's n_batches for the run's own evaluation sample (tra
 
 
 def check_options(*, split: str = "val", batches: Optional[int] = None, all_tokens: bool = False,
-                  device: str = "auto", data_dir: Optional[Path] = None, out_dir: Optional[Path] = None) -> Optional[int]:
+                  device: str = "auto", data_dir: Optional[Path] = None,
+                  out_dir: Optional[Path] = None) -> Optional[int]:
     """`moe-lm eval`'s options, checked before any work (ConfigError naming the option): --all and
     --batches N contradict each other, N in [1, 2^20], a known split and device, an existing data
     folder, an output folder that is not a file. Returns run_eval's n_batches for them: None for

@@ -1,9 +1,10 @@
 """The training loop, as a recipe; each job is owned by one part:
 
-    Checkpointer (runs.py)   the run folder: where to start, set-up, saving and restoring checkpoints
-    Parts, train_step (step.py)   the model and optimizer; one optimizer step
-    Evaluator (evaluator.py)   the validation windows, their expert load, the collapse alarm
-    RunLog, TrainDisplay (metrics.py, display.py)   metrics.jsonl (+ TensorBoard) and the console
+    Checkpointer        runs.py        the run folder: where to start, set-up, saving, restoring
+    Parts, train_step   step.py        the model and optimizer; one optimizer step
+    Evaluator           evaluator.py   the validation windows, their expert load, the collapse alarm
+    RunLog              metrics.py     metrics.jsonl (+ TensorBoard)
+    TrainDisplay        display.py     the console
 
     result = train(load_config("configs/tiny-moe.yaml"))
 
@@ -192,7 +193,9 @@ class Trainer:
             raise self._nonfinite(*r.nonfinite)
         tokens, dt = t.batch_size * self.cfg.model.seq_len, time.perf_counter() - t0
         p.advance(tokens, dt)
-        self.session_tokens, self.session_wall, self.last_ce = self.session_tokens + tokens, self.session_wall + dt, r.ce
+        self.session_tokens += tokens
+        self.session_wall += dt
+        self.last_ce = r.ce
         self.window.add(r.ce, r.aux, r.z, r.grad_norm, tokens, dt)
         self.display.on_step(p.step)
 
@@ -259,11 +262,11 @@ class Trainer:
                 ctx.all_reduce_(torch.zeros(1, device=self.device))
         self.log.close()
         figures = _make_plots(run_dir, self.console) if plots and ctx.is_main else []
-        val = p.last_val
+        val, session_s = p.last_val, self.session_wall
         result = TrainResult(
             run_dir=run_dir, steps=p.step, tokens=p.tokens,
             val_loss=val["val_loss"] if val else None, val_ppl=val["val_ppl"] if val else None,
-            train_loss=self.last_ce, tokens_per_s=self.session_tokens / self.session_wall if self.session_wall > 0 else 0.0,
+            train_loss=self.last_ce, tokens_per_s=self.session_tokens / session_s if session_s > 0 else 0.0,
             wall_s=p.wall_s, flops=p.flops, checkpoint=self.checkpointer.last, interrupted=interrupted,
         )
         if interrupted:
