@@ -8,7 +8,7 @@ The two models train on the same random batches; rounds of a few optimizer steps
 between them (so clock-speed drift hits both alike) and the median round counts. Model FLOP
 utilisation = tokens/s x training FLOPs per token / this machine's measured matmul peak (the best
 of several n x n matmuls in the training precision). The library side is
-`moe_lm.training.trainer.bench_train`.
+`moe_lm.bench.bench_train`.
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from rich.console import Console
 
-    from moe_lm.bench import render_train
+    from moe_lm.bench import bench_train, render_train
     from moe_lm.config import load_config
-    from moe_lm.training.trainer import bench_train
 
     cfg = load_config(args.config, args.overrides)
     r = bench_train(cfg, steps=args.steps, rounds=args.rounds, warmup=args.warmup, device=args.device)
-    r["name"] = cfg.name
     render_train(r, Console() if sys.stdout.isatty() else Console(width=140))
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))

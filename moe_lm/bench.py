@@ -15,6 +15,7 @@ order, after warm-up rounds; the figure is the median over rounds.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import platform
@@ -24,14 +25,16 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from . import checks
+from .config import Config, MoEConfig
+from .device import device_name, precision_name, resolve_device, synchronize
 from .errors import ConfigError
-from .config import MoEConfig
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
@@ -106,16 +109,40 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
+                        repeats: int = 5, inner: int = 5) -> float:
+    """Best observed FLOP/s of an n x n matmul on `device` (the machine's practical peak).
+    n: 1024 on a CPU; 8192 on a GPU (smaller products leave a big GPU far from its peak)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return 2 * n**3 / best
 
 
 def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """GFLOP/s of this machine's best square matmul (the trainer's measure, shared)."""
-    from .training.trainer import measure_matmul_peak
-
+    """GFLOP/s of this machine's best square matmul (measure_matmul_peak, as `bench train` uses it)."""
     return measure_matmul_peak(device, dtype) / 1e9
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident memory so far, in bytes (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # NOTE: ru_maxrss is in KiB on Linux, in bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _version(package: str) -> Optional[str]:
@@ -127,10 +154,12 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def _device_name(dev: torch.device) -> str:
+def _device_label(dev: torch.device) -> str:
+    """The GPU's name; on a CPU its model name (from /proc/cpuinfo where there is one) and the
+    threads torch uses."""
     if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    cpu = platform.processor() or platform.machine()
+        return device_name(dev)
+    cpu = device_name(dev)
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -251,7 +280,7 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
         "gflops_peak": round(peak, 1),
         "moe_gflops": round(fwd_bwd_flops / med["moe"] / 1e6, 1),
         "dense_gflops": round(fwd_bwd_flops / med["dense"] / 1e6, 1),
-        "device": _device_name(dev), "dtype": dtype, "threads": torch.get_num_threads(),
+        "device": _device_label(dev), "dtype": dtype, "threads": torch.get_num_threads(),
         "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
         "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
         "busy": busy, "busy_pids": busy_pids, "cores": available_cores(),
@@ -300,10 +329,10 @@ def _measure(mods, contenders, make, x, dev, dt, repeats, warmup, hf_skipped):
     for r in range(warmup + repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: no contender always first
         for n in order:
-            _sync(dev)
+            synchronize(dev)
             t0 = time.perf_counter()
             contenders[n]()
-            _sync(dev)
+            synchronize(dev)
             if r >= warmup:
                 times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) * 1000 for n, v in times.items()}
@@ -337,8 +366,95 @@ def render_layer(r: dict, console) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# `moe-lm bench train` and `moe-lm bench prepare` (measured by trainer.bench_train and
-# data.prepare.bench_prepare; rendered here for the CLI and benchmarks/)
+# `moe-lm bench train` (and benchmarks/bench_train.py)
+
+
+def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2,
+                vocab_size: Optional[int] = None, device: Optional[str] = None) -> dict:
+    """Training tokens/s of cfg's MoE model and of its dense twin, measured alternately in one
+    process (median over `rounds` rounds of `steps` optimizer steps each), their ratio, model FLOP
+    utilisation against this machine's measured matmul peak, and the process's peak resident
+    memory (`peak_rss_bytes`, both models together; None where the OS does not report it).
+
+    Uses random token batches (no data folder needed); vocab_size: from the config, else the data
+    folder, else 8192. The step is the trainer's (AdamW as `build_optimizer` makes it, clipping at
+    1.0, router-bias update) on one micro-batch of train.batch_size // train.grad_accum rows.
+    """
+    from .model.accounting import dense_twin, flops_per_token
+    from .model.transformer import Transformer
+    from .training.step import build_optimizer, seed_everything
+
+    for option, v, lo in (("--steps", steps, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
+        checks.option_number(option, v, lo, 10**6, integer=True)
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = vocab_size or _data_vocab(cfg) or 8192
+    dev, amp_dtype = resolve_device(device or cfg.train.device, cfg.train.dtype, "--device" if device else "train.device")
+    amp = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    variants = {"moe": cfg, "dense": dense_twin(cfg)} if cfg.model.moe is not None else {"dense": cfg}
+    t = cfg.train
+    bs, seq = t.batch_size // t.grad_accum, cfg.model.seq_len
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (bs, seq + 1), generator=g).to(dev)
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    runs = {}
+    for name, c in variants.items():
+        seed_everything(t.seed)
+        model = Transformer(c.model).to(dev)
+        opt = build_optimizer(model, c, dev)
+        fwd = torch.compile(model) if t.compile else model
+        runs[name] = {"model": model, "opt": opt, "fwd": fwd, "times": [], "params": model.num_params(),
+                      "fpt": float(flops_per_token(c.model)["total"])}
+    for r in runs.values():
+        for _ in range(warmup):
+            _train_step(r, inp, tgt, amp)
+    synchronize(dev)
+    for _ in range(rounds):
+        for r in runs.values():  # NOTE: alternate, so drifts in clock speed hit both alike
+            synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _train_step(r, inp, tgt, amp)
+            synchronize(dev)
+            r["times"].append((time.perf_counter() - t0) / steps)
+    peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
+    out: dict = {"device": dev.type, "device_name": device_name(dev),
+                 "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                 "precision": precision_name(amp_dtype), "batch_tokens": bs * seq, "matmul_peak_flops": peak,
+                 "models": {name: _throughput(r, bs * seq, peak) for name, r in runs.items()}}
+    if "moe" in out["models"]:
+        out["moe_over_dense_tokens_per_s"] = out["models"]["moe"]["tokens_per_s"] / out["models"]["dense"]["tokens_per_s"]
+    out["name"] = cfg.name
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
+
+
+def _train_step(r: dict, inp: torch.Tensor, tgt: torch.Tensor, amp) -> None:
+    with amp():
+        out = r["fwd"](inp, tgt)
+    loss = out.loss + out.aux_loss + out.z_loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
+    r["opt"].step()
+    r["opt"].zero_grad(set_to_none=True)
+    r["model"].update_router_biases()
+
+
+def _throughput(r: dict, batch_tokens: int, peak: float) -> dict:
+    step_s = statistics.median(r["times"])
+    tps = batch_tokens / step_s
+    return {"params": r["params"], "flops_per_token": r["fpt"], "step_s": step_s, "tokens_per_s": tps,
+            "tokens_per_s_spread": [batch_tokens / max(r["times"]), batch_tokens / min(r["times"])],
+            "achieved_flops": tps * r["fpt"], "mfu": tps * r["fpt"] / peak}
+
+
+def _data_vocab(cfg: Config) -> Optional[int]:
+    try:
+        from .data.shards import TokenData
+
+        return int(TokenData.open(Path(cfg.data.dir)).vocab_size)
+    except Exception:  # noqa: BLE001 - only a default
+        return None
 
 
 def render_train(r: dict, console) -> None:
@@ -358,12 +474,28 @@ def render_train(r: dict, console) -> None:
     console.print(f"matmul peak ({r['precision']}): {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s", highlight=False)
     if "moe_over_dense_tokens_per_s" in r:
         console.print(f"MoE / dense tokens/s: {r['moe_over_dense_tokens_per_s']:.3f}", highlight=False)
+    if r.get("peak_rss_bytes"):
+        console.print(f"peak resident memory of this process (both models): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
+                      highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# `moe-lm bench prepare` (measured by data.prepare.bench_prepare)
+
+
+def prepare_throughput(max_bytes: Optional[int] = None, vocab_size: int = 8192, repeats: int = 1) -> dict:
+    """`moe-lm bench prepare`: data.prepare.bench_prepare `repeats` times (options checked first:
+    ConfigError), the median run with every run's tokenisation MB/s (median_prepare)."""
+    from .data.prepare import bench_prepare
+
+    checks.option_number("--repeats", repeats, 1, 1000, integer=True)
+    checks.option_number("--max-bytes", max_bytes, 1, integer=True, hint="or leave it out for the whole corpus")
+    checks.option_number("--vocab-size", vocab_size, 257, 2**32, integer=True)
+    return median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(repeats)])
 
 
 def median_prepare(runs: list[dict]) -> dict:
     """The median of several bench_prepare runs (by tokenisation MB/s), with every run's figure."""
-    import os
-
     r = dict(sorted(runs, key=lambda x: x["tokenise_mb_s"])[len(runs) // 2])
     r["tokenise_mb_s_all"] = [x["tokenise_mb_s"] for x in runs]
     r["cpus"] = os.cpu_count()

@@ -6,7 +6,10 @@ Anything else is a crash: one line plus a pointer to `--debug`, exit 1.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__, signals
+from .data.prepare import PrepareOptions
 from .errors import MoeLmError
 
 app = typer.Typer(
@@ -30,6 +34,28 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 OVERRIDES_HELP = "Config overrides after the options, as dotted key=value (e.g. train.lr=1e-3 model.moe.top_k=1)."
+
+
+def options_of(cls: type):
+    """Give a command one option per field of dataclass `cls` that has a help text: `--field-name`,
+    with the field's type, default and help (declared once, in the library: prepare's options are
+    data.prepare.PrepareOptions). The command takes them as **options, ready for cls(**options);
+    its own parameters follow."""
+    def add(command):
+        hints = typing.get_type_hints(cls)
+        fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+        added = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
+                                   default=typer.Option(f.default, "--" + f.name.replace("_", "-"),
+                                                        help=f.metadata["help"],
+                                                        show_default=f.metadata.get("show_default", True)))
+                 for f in fields]
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        command.__signature__ = signature.replace(parameters=added + own)
+        command.__annotations__ = {**{p.name: p.annotation for p in added + own},
+                                   "return": signature.return_annotation}
+        return command
+    return add
 
 
 def _version(value: bool) -> None:
@@ -64,23 +90,10 @@ def main(
 
 
 @app.command()
+@options_of(PrepareOptions)
 def prepare(
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="A Hugging Face dataset name, e.g. roneneldan/TinyStories."),
-    dataset_config: Optional[str] = typer.Option(None, "--dataset-config", help="The dataset's configuration (subset) name."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: train; the dataset's own validation split is used when it has one)."),
-    text_column: str = typer.Option("text", "--text-column", help="Column holding the text (HF datasets and jsonl/json/parquet files)."),
-    streaming: bool = typer.Option(False, "--streaming", help="Stream the HF dataset instead of downloading it whole."),
-    data_files: Optional[str] = typer.Option(None, "--data-files", help="Local files: a glob of txt, jsonl, json or parquet files."),
-    name: Optional[str] = typer.Option(None, "--name", help="Output name: writes data/<name>/ (default: the source's name)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (instead of data/<name>/)."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Size of the byte-level BPE vocabulary to train [default: 8192; with --tokenizer: its size].", show_default=False),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Reuse this tokenizer.json instead of training one."),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of documents held out for validation (by a hash of each document)."),
-    test_fraction: float = typer.Option(0.02, "--test-fraction", help="Share of documents held out for test.bin when the source has no test split of its own (0 = none)."),
-    max_documents: Optional[int] = typer.Option(None, "--max-documents", help="Read at most this many documents."),
-    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Read at most this many bytes of text."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Prepare the data this config trains on: its data.dir and model.vocab_size (e.g. configs/tiny-moe.yaml)."),
+    **options,
 ) -> None:
     """Read a corpus, train a byte-level BPE tokenizer, write token shards to data/<name>/.
 
@@ -88,14 +101,9 @@ def prepare(
     of this interpreter; no network needed) into data/builtin/. With --config it writes the
     folder and vocabulary that config asks for (the demo: `moe-lm prepare -c configs/tiny-moe.yaml`).
     """
-    from .data.prepare import PrepareOptions, for_config, prepare_corpus, render_summary
+    from .data.prepare import for_config, prepare_corpus, render_summary
 
-    opts = PrepareOptions(
-        dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
-        streaming=streaming, data_files=data_files, name=name, out=out, vocab_size=vocab_size,
-        tokenizer=tokenizer, val_fraction=val_fraction, test_fraction=test_fraction,
-        max_documents=max_documents, max_bytes=max_bytes, overwrite=overwrite,
-    )
+    opts = PrepareOptions(**options)
     if config is not None:
         from .config import load_config
 
@@ -170,18 +178,10 @@ def eval_cmd(
     --html, a page showing which experts each token of a few passages went to."""
     import json
 
-    from . import checks
-    from .errors import ConfigError
-    from .evaluation import read_user_text, render_report, run_eval
+    from .evaluation import check_options, read_user_text, render_report, run_eval
 
-    if all_tokens and batches is not None:
-        raise ConfigError("--all and --batches contradict each other", "pass one of them")
-    checks.option_number("--batches", batches, 1, 2**20, integer=True, hint="or pass --all for the whole split")
-    checks.choice("--split", split, ("val", "test", "train"))
-    checks.device("--device", device)
-    checks.in_folder("--data", data, "pass a folder written by `moe-lm prepare`")
-    checks.out_folder("--out", out)
-    n_batches = None if all_tokens else (batches if batches is not None else -1)
+    n_batches = check_options(split=split, batches=batches, all_tokens=all_tokens, device=device, data_dir=data,
+                              out_dir=out)
     text = read_user_text(text_file, prompt)
     page = None if html is None else (True if html == HTML_DEFAULT else Path(html))
     report, files = run_eval(path, split=split, n_batches=n_batches, data_dir=data, out_dir=out, device=device,
@@ -213,13 +213,12 @@ def compare_dense_cmd(
     data order and schedule, then report perplexity vs training FLOPs and wall-clock, with a verdict.
 
     Finished runs are reused and interrupted ones resumed, so it can be stopped and run again."""
-    from .compare import compare_dense, parse_lr_sweep, render_table
+    from .compare import compare_dense, render_table
     from .config import load_config
 
     cfg = load_config(config, overrides or [])
-    lrs = parse_lr_sweep(lr_sweep) if lr_sweep is not None else None
     try:  # NOTE: compare_dense checks every option before it trains anything
-        report = compare_dense(cfg, seeds=seeds, with_dense_total=with_dense_total, out_dir=out, lr_sweep=lrs,
+        report = compare_dense(cfg, seeds=seeds, with_dense_total=with_dense_total, out_dir=out, lr_sweep=lr_sweep,
                                overwrite=overwrite, device=device, console=console, reuse_moe=reuse_moe)
     except KeyboardInterrupt as exc:
         err_console.print(f"interrupted ({signals.name(signals.signum_of(exc))}): finished runs are kept; "
@@ -278,18 +277,18 @@ def bench_layer_cmd(
     """Forward+backward time of one MoE layer vs the dense FFN of equal active width and vs transformers' Mixtral block."""
     import json
 
-    from .bench import bench_layer, render_layer, tune_malloc as _tune
+    from . import bench
 
     if tune_malloc:
-        _tune()
-    r = bench_layer(d_model=d_model, tokens=tokens, experts=experts, top_k=top_k, ffn_hidden=ffn_hidden,
-                    repeats=repeats, warmup=warmup, threads=threads, device=device, dtype=dtype,
-                    dispatch_path=dispatch, hf=hf, busy=busy, also_paths=tuple(also or ()))
+        bench.tune_malloc()
+    r = bench.bench_layer(d_model=d_model, tokens=tokens, experts=experts, top_k=top_k, ffn_hidden=ffn_hidden,
+                          repeats=repeats, warmup=warmup, threads=threads, device=device, dtype=dtype,
+                          dispatch_path=dispatch, hf=hf, busy=busy, also_paths=tuple(also or ()))
     r["tune_malloc"] = tune_malloc
     if json_out:
         console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
     else:
-        render_layer(r, console)
+        bench.render_layer(r, console)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,14 +330,11 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at each token (slow; for comparison)."),
 ) -> None:
     """Sample text from a trained model, streamed as it is generated (KV cache)."""
-    from . import checks
-    from .generate import check_sampling, stream
+    from .device import resolve_device
+    from .generate import check_options, stream
     from .loading import load_model
-    from .training.trainer import resolve_device
 
-    checks.option_number("--top-k", top_k, 0, 2**32, integer=True, hint="0 = every token")
-    check_sampling(temperature, top_k or None, top_p, max_new_tokens)
-    checks.option_number("--seed", seed, 0, checks.SEED_MAX, integer=True)
+    top_k = check_options(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     dev, _ = resolve_device(device, "float32", "--device")
     loaded = load_model(path, device=dev)
 
@@ -348,7 +344,7 @@ def generate(
 
     write(prompt)
     stats = stream(loaded, prompt, write, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k or None, top_p=top_p, seed=seed, use_cache=not no_cache)
+                   top_k=top_k, top_p=top_p, seed=seed, use_cache=not no_cache)
     write("\n")
     end = "end-of-text" if stats.stopped_at_eot else "max tokens"
     err_console.print(f"[dim]{stats.new_tokens} tokens in {stats.seconds:.2f} s ({stats.tokens_per_s:.1f} tokens/s, "
@@ -368,23 +364,16 @@ def bench_train_cmd(
     """Training tokens/s of a config's model and of its dense twin, alternating in one process;
     their ratio, model FLOP utilisation against the measured matmul peak, and peak memory."""
     import json
-    import resource
 
-    from .bench import render_train
+    from .bench import bench_train, render_train
     from .config import load_config
-    from .training.trainer import bench_train
 
     cfg = load_config(config, overrides or [])
     r = bench_train(cfg, steps=steps, rounds=rounds, warmup=warmup, device=device)  # checks its options first
-    r["name"] = cfg.name
-    # NOTE: the process's peak resident memory, both models together (ru_maxrss is in KiB on Linux)
-    r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if json_out:
         console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
     else:
         render_train(r, console)
-        console.print(f"peak resident memory of this process (both models): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
-                      highlight=False)
 
 
 @bench_app.command("prepare")
@@ -397,14 +386,9 @@ def bench_prepare_cmd(
     """Tokeniser training time and tokenisation MB/s of `prepare` on the built-in corpus (in a temporary folder)."""
     import json
 
-    from . import checks
-    from .bench import median_prepare, render_prepare
-    from .data.prepare import bench_prepare
+    from .bench import prepare_throughput, render_prepare
 
-    checks.option_number("--repeats", repeats, 1, 1000, integer=True)
-    checks.option_number("--max-bytes", max_bytes, 1, integer=True, hint="or leave it out for the whole corpus")
-    checks.option_number("--vocab-size", vocab_size, 257, 2**32, integer=True)
-    r = median_prepare([bench_prepare(max_bytes=max_bytes, vocab_size=vocab_size) for _ in range(repeats)])
+    r = prepare_throughput(max_bytes=max_bytes, vocab_size=vocab_size, repeats=repeats)
     if json_out:
         console.print(json.dumps(r, indent=2), markup=False, highlight=False, soft_wrap=True)
     else:
@@ -428,21 +412,12 @@ def optional_html_value(args: list[str]) -> list[str]:
     return out
 
 
-def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
-    """(ClickException, Exit, Abort) classes of click and of the copy of click that typer ≥ 0.2x
-    vendors as typer._click (its exceptions are not click's, so `isinstance(exc, click.X)` misses them)."""
-    import importlib
-
-    kinds: tuple[list, list, list] = ([], [], [])
-    for mod in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        for i, name in enumerate(("ClickException", "Exit", "Abort")):
-            if hasattr(m, name):
-                kinds[i].append(getattr(m, name))
-    return tuple(kinds[0]), tuple(kinds[1]), tuple(kinds[2])
+def _click_exceptions() -> tuple[type, type, type]:
+    """(ClickException, Exit, Abort) as the running typer raises them: click's own, or those of the
+    copy of click that typer ≥ 0.2x vendors (not click's, so `isinstance(exc, click.X)` misses
+    them). Found through typer's public names: typer.BadParameter is a ClickException either way."""
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return click_error, typer.Exit, typer.Abort
 
 
 def run() -> None:

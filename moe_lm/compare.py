@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import statistics
 import time
@@ -28,8 +27,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import checks
-from .config import LIMITS, SEED_MAX, Config, to_dict
-from .errors import CheckpointError, ConfigError, RunError
+from .config import LIMITS, SEED_MAX, Config, config_differences
+from .errors import ConfigError
+from .files import write_atomic
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
 
@@ -45,7 +45,8 @@ class RunSummary:
     val_tokens: int
     tokens: int  # training tokens
     flops: float  # training FLOPs (router included for the MoE)
-    wall_s: float  # training wall-clock seconds (evaluations and checkpoints excluded, as the trainer counts)
+    wall_s: float  # training wall-clock seconds, as the trainer counts them (its metrics.jsonl wall_s):
+    # the optimizer steps alone - evaluations, checkpoints, logging and start-up excluded
     tokens_per_s: float
     curve: list[dict] = field(default_factory=list)  # the trainer's evaluations: step, flops, wall_s, val_loss
     reused: bool = False
@@ -67,7 +68,9 @@ def check_options(cfg: Config, *, seeds: int, lr_sweep: Optional[list[float]], o
     checks.device("--device", device)
     checks.out_folder("--out", out_dir)
     if reuse_moe is not None:
-        _reused_checkpoint(Path(reuse_moe))
+        from .training.runs import check_reusable
+
+        check_reusable(Path(reuse_moe))
 
 
 def parse_lr_sweep(text: str) -> list[float]:
@@ -98,24 +101,6 @@ def variant_configs(cfg: Config, with_dense_total: bool = False) -> dict[str, Co
     return out
 
 
-def config_differences(a: Config, b: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs (for the report and the tests)."""
-    def flat(d: Any, prefix: str = "") -> dict:
-        items = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                items.update(flat(v, key + "."))
-            else:
-                items[key] = v
-        return items
-
-    fa, fb = flat(to_dict(a)), flat(to_dict(b))
-    diffs = {k for k in set(fa) | set(fb) if fa.get(k, "(absent)") != fb.get(k, "(absent)")}
-    # model.moe: null on one side already says all of model.moe.* differs
-    return sorted(k for k in diffs if not any(k.startswith(p + ".") for p in diffs))
-
-
 def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> Config:
     c = copy.deepcopy(base)
     c.train.seed = seed
@@ -125,53 +110,26 @@ def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> 
 
 
 def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> bool:
-    """Train cfg into run_dir, resuming a partial run; True when a finished run was reused."""
-    from .training import checkpoint as ckpt_io
+    """Train cfg into run_dir, resuming a partial run; True when a finished run was reused.
+    overwrite: train again from scratch whatever run_dir holds."""
+    from .training.runs import find_run
     from .training.trainer import train
 
-    latest = ckpt_io.find_latest(run_dir) if run_dir.is_dir() else None
-    if latest is not None and not overwrite:
-        state = ckpt_io.read_state(latest)
-        try:
-            ckpt_io.check_config(latest, state, cfg)
-        except Exception as exc:  # noqa: BLE001 - say what to do in terms of this command
-            raise RunError(f"{run_dir} holds a run of another config ({exc})",
-                           "rerun compare-dense with --overwrite, or give it another --out") from None
-        if state["step"] >= cfg.train.max_steps:
-            return True
-        train(cfg, out_dir=run_dir, resume=str(latest), console=console, plots=False)
+    found = None if overwrite else find_run(run_dir, cfg, asked_by="compare-dense")
+    if found is None:
+        train(cfg, out_dir=run_dir, overwrite=run_dir.exists(), console=console, plots=False)
         return False
-    train(cfg, out_dir=run_dir, overwrite=run_dir.exists(), console=console, plots=False)
+    if found.finished:
+        return True
+    train(cfg, out_dir=run_dir, resume=str(found.checkpoint), console=console, plots=False)
     return False
-
-
-def _reused_checkpoint(src: Path) -> Path:
-    """The latest checkpoint of --reuse-moe's run folder; checked before anything is trained."""
-    from .training import checkpoint as ckpt_io
-
-    if src.exists() or checks.blocking_file(src) is not None:  # a file where the run folder should be
-        checks.in_folder("--reuse-moe", src, "pass a finished `moe-lm train` run folder, or leave out --reuse-moe")
-    latest = ckpt_io.find_latest(src) if src.is_dir() else None
-    if latest is None:
-        raise RunError(f"--reuse-moe {src}: no finished run there (no checkpoint)",
-                       "train it first (moe-lm train --config ...), or leave out --reuse-moe")
-    return latest
 
 
 def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
     """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe)."""
-    from .training import checkpoint as ckpt_io
+    from .training.runs import finished_run
 
-    latest = _reused_checkpoint(src)
-    state = ckpt_io.read_state(latest)
-    try:
-        ckpt_io.check_config(latest, state, cfg)
-    except CheckpointError as exc:  # say it in terms of this command
-        raise RunError(f"--reuse-moe {src} was trained with another config ({exc})",
-                       "pass a run of the same config and seed, or leave out --reuse-moe") from None
-    if state["step"] < cfg.train.max_steps:
-        raise RunError(f"--reuse-moe {src} stopped at step {state['step']} of {cfg.train.max_steps}",
-                       f"finish it first (moe-lm train --config ... --resume auto --out {src})")
+    finished_run(src, cfg)
     tmp = run_dir.with_name(run_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("eval.json", "plots"))
@@ -217,21 +175,26 @@ def _summarise(variant: str, cfg: Config, run_dir: Path, ev: dict, reused: bool)
 
 
 def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False, out_dir: Optional[Path] = None,
-                  lr_sweep: Optional[list[float]] = None, overwrite: bool = False, device: str = "auto",
+                  lr_sweep: Optional[str | list[float]] = None, overwrite: bool = False, device: str = "auto",
                   console: Any = None, reuse_moe: Optional[Path] = None) -> dict:
     """Train the MoE, its dense twin (and optionally the equal-total-parameter dense model) over
-    `seeds` seeds; write report.json, report.md and the PNGs into `out_dir`; return the report."""
+    `seeds` seeds; write report.json, report.md and the PNGs into `out_dir`; return the report.
+
+    lr_sweep: learning rates, as a list or as --lr-sweep's text ("1e-3,3e-3"); every option is
+    checked before anything is trained (ConfigError, RunError)."""
     from rich.console import Console
 
+    from .data.shards import open_for_config
     from .model.accounting import flops_per_token, param_counts
-    from .training.trainer import _open_data
 
     console = console if console is not None else Console()
+    if isinstance(lr_sweep, str):
+        lr_sweep = parse_lr_sweep(lr_sweep)
     check_options(cfg, seeds=seeds, lr_sweep=lr_sweep, out_dir=out_dir, device=device, reuse_moe=reuse_moe)
     cfg = copy.deepcopy(cfg)
     if cfg.model.moe is None:  # refuse a dense config before touching the data
         variant_configs(cfg)
-    _open_data(cfg)  # fails early on missing data; fills model.vocab_size
+    cfg.model.vocab_size = int(open_for_config(cfg).vocab_size)  # fails early on missing or unfit data
     variants = variant_configs(cfg, with_dense_total)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"compare-{cfg.name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -515,17 +478,10 @@ def write_report(report: dict, out: Path) -> dict:
     from .plots import plot_compare
 
     files = {}
-    files["json"] = _write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    files["json"] = write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     files.update(plot_compare(report, out))
-    files["md"] = _write_atomic(out / "report.md", render_markdown(report, files))
+    files["md"] = write_atomic(out / "report.md", render_markdown(report, files))
     return files
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def render_markdown(report: dict, files: dict) -> str:

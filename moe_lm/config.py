@@ -51,7 +51,7 @@ class DataConfig:
 class MoEConfig:
     n_experts: int = 8
     top_k: int = 2  # experts per token (token-choice routers); ignored by expert_choice
-    every: int = 1  # block i is MoE when i % every == every - 1
+    every: int = 1  # every n-th block is MoE: block i when i % every == every - 1 (moe_layer_ids)
     router: str = "softmax_topk"  # one of ROUTERS
     n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each ffn_hidden wide
     # null = dropless; else each expert keeps at most C = ceil(cf * seq_len * k / E) assignments PER
@@ -85,7 +85,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (the global batch)
     # micro-batches per step; each holds batch_size / grad_accum sequences. Changes memory use (and,
     # with a balance loss, adds one no-gradient forward per step), not the data, losses or gradient:
-    # balance statistics stay the whole batch's (training.trainer.accumulate_gradients)
+    # balance statistics stay the whole batch's (training.step.accumulate_gradients)
     grad_accum: int = 1
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
@@ -113,6 +113,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def moe_layer_ids(m: ModelConfig) -> list[int]:
+    """Indices of the blocks whose FFN is an MoE layer, ascending (the order of
+    ModelOutput.moe_stats): every `moe.every`-th block, the last of each group; [] for a dense model.
+    The one statement of the rule: the model builds its blocks by it (and answers
+    `Transformer.moe_layer_ids()`), the parameter and FLOP counts count by it."""
+    if m.moe is None:
+        return []
+    return [i for i in range(m.n_layers) if i % m.moe.every == m.moe.every - 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +428,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flat_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (or a config) as {dotted key: leaf value}; a null section is one leaf."""
+    if dataclasses.is_dataclass(d):
+        d = to_dict(d)
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flat_dict(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: Config | dict, b: Config | dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (Config objects or their dicts), sorted.
+
+    A key present on one side only counts as a difference; a section null on one side (model.moe:
+    null) is one difference, "model.moe", not one per key under it. `ignore`: keys left out,
+    with everything under them. Used to match checkpoints to configs and to describe the dense twin.
+    """
+    fa, fb = flat_dict(a), flat_dict(b)
+    diffs = {k for k in set(fa) | set(fb) if (k in fa, fa.get(k)) != (k in fb, fb.get(k))
+             and not any(k == i or k.startswith(i + ".") for i in ignore)}
+    return sorted(k for k in diffs if not any(k.startswith(p + ".") for p in diffs))
 
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = ("train.max_steps",)) -> str:

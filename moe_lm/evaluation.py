@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,9 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .errors import DataError
+from .files import write_atomic
+from .stats import STARVED, perplexity
 
-STARVED = 0.25  # an expert under this fraction of the uniform share is "starved" (as the collapse alarm)
 TOP_TOKENS = 8  # tokens listed per expert
 MIN_COUNT_SELECTIVE = 20  # a token must occur this often to be listed as selective
 N_PASSAGES = 3  # evaluation windows recorded token by token (eval.json "passages", the routing page)
@@ -221,7 +222,7 @@ def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, 
     loss = float(nll) / max(count, 1)
     windows = "all" if n_batches is None else f"sample of {n_batches} batches x {batch_size} windows (seed {seed})"
     layers = [_layer_report(a, domain_names, decode) for a in accs]
-    return EvalReport(split="", loss=loss, ppl=math.exp(min(loss, 50.0)), n_tokens=count, windows=windows,
+    return EvalReport(split="", loss=loss, ppl=perplexity(loss), n_tokens=count, windows=windows,
                       layers=layers, seconds=time.perf_counter() - t0, passages=shown)
 
 
@@ -255,7 +256,8 @@ PASSAGE_STREAM = 17  # the passages' random stream, apart from eval_windows' own
 
 
 def _moe_layers(model) -> list[tuple[int, Any]]:
-    return [(i, b.mlp) for i, b in enumerate(model.layers) if b.is_moe]
+    """(block index, MoE layer) of each MoE layer of the model, in block order."""
+    return list(zip(model.moe_layer_ids(), model.moe_layers()))
 
 
 @contextmanager
@@ -350,15 +352,38 @@ def _show(decode, token_id: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # the command
 
+RUN_SAMPLE = -1  # run_eval's n_batches for the run's own evaluation sample (train.eval_batches, seed train.seed)
 
-def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] = -1, data_dir: Optional[Path] = None,
+
+def check_options(*, split: str = "val", batches: Optional[int] = None, all_tokens: bool = False,
+                  device: str = "auto", data_dir: Optional[Path] = None,
+                  out_dir: Optional[Path] = None) -> Optional[int]:
+    """`moe-lm eval`'s options, checked before any work (ConfigError naming the option): --all and
+    --batches N contradict each other, N in [1, 2^20], a known split and device, an existing data
+    folder, an output folder that is not a file. Returns run_eval's n_batches for them: None for
+    every token (--all), N for a seeded sample of N batches, RUN_SAMPLE for neither."""
+    from . import checks
+    from .errors import ConfigError
+
+    if all_tokens and batches is not None:
+        raise ConfigError("--all and --batches contradict each other", "pass one of them")
+    checks.option_number("--batches", batches, 1, 2**20, integer=True, hint="or pass --all for the whole split")
+    checks.choice("--split", split, ("val", "test", "train"))
+    checks.device("--device", device)
+    checks.in_folder("--data", data_dir, "pass a folder written by `moe-lm prepare`")
+    checks.out_folder("--out", out_dir)
+    return None if all_tokens else (batches if batches is not None else RUN_SAMPLE)
+
+
+def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] = RUN_SAMPLE,
+             data_dir: Optional[Path] = None,
              out_dir: Optional[Path] = None, device: str = "auto", console: Any = None,
              write: bool = True, passages: int = N_PASSAGES, text: Optional[str] = None,
              html: Path | str | bool | None = None) -> tuple[EvalReport, dict]:
     """Load a run / checkpoint, evaluate it on `split`, write eval.json and the load heatmap.
 
-    n_batches: -1 = the trainer's own evaluation sample (train.eval_batches, seed train.seed);
-    None = every token of the split; N = a seeded sample of N batches. passages: how many of the
+    n_batches: RUN_SAMPLE (-1) = the trainer's own evaluation sample (train.eval_batches, seed
+    train.seed); None = every token of the split; N = a seeded sample of N batches. passages: how many of the
     pass's windows `report.passages` records token by token; text: the user's own text to record
     instead (see `read_user_text`; cut after MAX_TEXT_TOKENS tokens). html: also write the routing
     page (`moe_lm.routing_page`): True = <out>/routing.html, or a file path whose folder exists
@@ -367,7 +392,6 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
     from .data.shards import TokenData
     from .data.tokenizer import eot_id, token_texts
     from .loading import check_same_tokenizer, load_model
-    from .training.trainer import resolve_device
 
     html_path = check_html_path(html) if html not in (None, False, True) else None
     if text is not None and not text.strip():
@@ -387,7 +411,7 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
     tokens = data.split(split)
     tok = loaded.tokenizer()
     batch_size = max(1, cfg.train.batch_size // cfg.train.grad_accum)
-    if n_batches == -1:
+    if n_batches == RUN_SAMPLE:
         n_batches, seed = cfg.train.eval_batches, cfg.train.seed
     else:
         seed = cfg.train.seed
@@ -485,10 +509,7 @@ def write_outputs(report: EvalReport, out_dir: Path, title: str = "") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     path = out_dir / "eval.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    files["json"] = path
+    files["json"] = write_atomic(path, json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n")
     if report.layers:
         from .plots import plot_eval_load
 
@@ -500,7 +521,7 @@ def render_report(report: EvalReport, console, files: Optional[dict] = None, top
     """The console view: perplexity, the routing table, specialisation."""
     from rich.table import Table
 
-    from .training.metrics import heat_row
+    from .training.display import heat_row
 
     console.print(
         f"[bold]{report.split}[/] perplexity [bold]{report.ppl:.2f}[/] (loss {report.loss:.4f} nats/token) over "

@@ -54,6 +54,19 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
     checks.option_number("--max-new-tokens", max_new_tokens, 0, integer=True)
 
 
+def check_options(*, temperature: float, top_k: Optional[int], top_p: Optional[float], max_new_tokens: int,
+                  seed: int) -> Optional[int]:
+    """`moe-lm generate`'s options, checked before the model is loaded (ConfigError naming the
+    option). top_k: 0 or None keeps every token. Returns the top_k that generate_ids takes (None
+    for every token)."""
+    from . import checks
+
+    checks.option_number("--top-k", top_k, 0, 2**32, integer=True, hint="0 = every token")
+    check_sampling(temperature, top_k or None, top_p, max_new_tokens)
+    checks.option_number("--seed", seed, 0, checks.SEED_MAX, integer=True)
+    return top_k or None
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""

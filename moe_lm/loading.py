@@ -2,6 +2,7 @@
 
     loaded = load_model("runs/tiny-moe")             # a run folder -> its latest checkpoint
     loaded = load_model("runs/tiny-moe/checkpoints/step-0000300")
+    loaded = load_model("exports/tiny-moe")           # a `moe-lm export` folder (load_hf_folder)
     loaded.model(idx)                                 # Transformer in eval mode, on `device`
 
 A checkpoint carries everything needed: its resolved config.yaml, model.safetensors and a copy of
@@ -11,7 +12,7 @@ truncated or corrupt checkpoint is a CheckpointError (one line, exit 2), never a
 
 from __future__ import annotations
 
-import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,9 @@ import torch
 import yaml
 
 from .config import Config, from_dict, validate
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, ExportError
+from .files import sha256_file
+from .hf_format import META, hf_target, load_hf_state_dict
 from .training import checkpoint as ckpt_io
 
 
@@ -60,7 +63,6 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Loaded:
         raise CheckpointError(f"{path} is a file, not a run, checkpoint or export folder",
                               "pass a run folder (runs/<name>), a checkpoint folder or a `moe-lm export` folder")
     if (path / "config.json").is_file() and not (path / "state.json").is_file():  # a `moe-lm export` folder
-        from .export import load_hf_folder
         return load_hf_folder(path, device)
     ckpt = ckpt_io.resolve_checkpoint(path)
     state = ckpt_io.read_state(ckpt)  # sizes and checksums of every file, before any use
@@ -98,16 +100,10 @@ def _checkpoint_config(ckpt: Path) -> Config:
     return cfg
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def same_tokenizer(a: Path, b: Path) -> bool:
     """The same tokenizer.json, or the same but for the post-processor (an export adds one that
     puts <|endoftext|> first; it changes no id of any text)."""
-    import json
-
-    if file_digest(a) == file_digest(b):
+    if sha256_file(a) == sha256_file(b):
         return True
     try:
         ja, jb = (json.loads(Path(p).read_text(encoding="utf-8")) for p in (a, b))
@@ -130,3 +126,51 @@ def check_same_tokenizer(loaded: Loaded, data_dir: Path) -> None:
             "evaluate on the data folder the run was trained on (--data DIR), or prepare one with "
             f"`moe-lm prepare --tokenizer {loaded.tokenizer_path}`",
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# a `moe-lm export` folder (moe_lm.hf_format)
+
+
+def load_hf_folder(path: Path | str, device: str | torch.device = "cpu") -> Loaded:
+    """A folder written by `export.export_hf` -> Loaded (our Transformer, eval mode, on `device`).
+
+    Its moe_lm.json gives the config; the files it lists must match their sha256, config.json
+    must name the architecture that config exports as, and the tensors must fit it exactly
+    (CheckpointError otherwise: export the run again)."""
+    from safetensors.torch import load_file
+
+    from .model.transformer import Transformer
+
+    path = Path(path)
+    hint = "export the run again with `moe-lm export`, or pass a run or checkpoint folder"
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        cfg: Config = from_dict(meta["config"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has a config.json but no {META}: not written by `moe-lm export`",
+                              "load it with transformers, or pass a run or checkpoint folder") from None
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{path}/{META} is not readable ({type(exc).__name__})", hint) from exc
+    for name, digest in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise CheckpointError(f"export {path} is truncated or changed ({name} "
+                                  f"{'is missing' if not f.is_file() else 'does not match its checksum'})", hint)
+    try:
+        target = hf_target(cfg.model)
+        written = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (ExportError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a moe-lm export ({exc})", hint) from exc
+    if written != [target.architecture]:
+        raise CheckpointError(f"{path}/config.json names {written}, but its moe-lm config exports as "
+                              f"{target.architecture}", hint)
+    model = Transformer(cfg.model)
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - any failure to read the weights is the export's
+        raise CheckpointError(f"{path}/model.safetensors cannot be read ({type(exc).__name__})", hint) from exc
+    load_hf_state_dict(model, tensors, target, str(path))
+    model.to(device).eval()
+    return Loaded(model=model, cfg=cfg, checkpoint=path, run_dir=None, step=int(meta.get("step", 0)), state=meta,
+                  tokenizer_path=path / "tokenizer.json")

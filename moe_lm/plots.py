@@ -1,6 +1,9 @@
-"""PNG figures of a run, drawn from its metrics.jsonl (matplotlib, Agg: no display needed).
+"""PNG figures (matplotlib, Agg: no display needed), drawn from data handed in: a run's
+metrics.jsonl records, an eval report, a compare-dense report. Nothing here reads a run folder or
+imports the rest of moe_lm, so any layer may draw.
 
-    plot_run("runs/tiny-moe")  # -> runs/tiny-moe/plots/loss.png, expert_load.png
+    plot_run(read_metrics(run / "metrics.jsonl"), run / "plots", title="tiny-moe")
+    # -> plots/loss.png, plots/expert_load.png
 
 Figures are built with matplotlib's object API (Figure + Agg canvas), so drawing never touches
 pyplot's global state or needs a display.
@@ -9,10 +12,6 @@ pyplot's global state or needs a display.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
-from .training.metrics import read_metrics
-
 
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,14 +22,13 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_run(run_dir: Path | str, out_dir: Optional[Path | str] = None) -> list[Path]:
-    """Draw every figure a run's metrics allow into run_dir/plots/; returns the files written."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+def plot_run(records: list[dict], out_dir: Path | str, title: str = "") -> list[Path]:
+    """Draw every figure a run's metrics.jsonl records allow into out_dir (created); returns the
+    files written: loss.png when there are train or eval records, expert_load.png when the train
+    records carry per-layer load."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    title = run_dir.name
     if any(r.get("kind") in ("train", "eval") for r in records):
         written.append(plot_loss_curves(records, out / "loss.png", title=title))
     if any(r.get("layers") for r in records if r.get("kind") == "train"):
@@ -112,7 +110,8 @@ def plot_load_heatmap(records: list[dict], path: Path, title: str = "") -> Path:
 
 def plot_eval_load(report, path: Path, title: str = "") -> Path:
     """`moe-lm eval`'s layer x expert heatmap: each expert's share of the evaluated tokens relative
-    to uniform (1 = its fair share), with the share printed in each cell."""
+    to uniform (1 = its fair share), with the share printed in each cell. `report`: anything with
+    `layers` (each with `load_share` and `layer`), `split` and `n_tokens`, as evaluation.EvalReport."""
     from matplotlib.colors import TwoSlopeNorm
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)

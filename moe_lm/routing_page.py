@@ -27,9 +27,11 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from .files import write_atomic
+from .stats import STARVED
 
 # 64 categorical colours: Tableau 10 (its first 9, grey left out) extended by a greedy
 # farthest-point choice in CIELAB (every pair at least ΔE 23 apart; none grey, the no-expert
@@ -44,7 +46,6 @@ PALETTE = [
     "#962d2d", "#f0784b", "#ffb4c3", "#96a5ff", "#87a53c", "#d22d87", "#78b400", "#96ff96",
     "#003cc3", "#4b9687", "#a5783c", "#f0e1a5", "#ff69e1", "#e13c5a", "#e196ff", "#9696c3",
 ]
-STARVED = 0.25  # as evaluation.STARVED (kept here so the page needs only the report's dict)
 
 
 def _luminance(hex_colour: str) -> float:
@@ -209,11 +210,7 @@ def write_page(report: dict, path: Path | str) -> Path:
     the path first (`evaluation.check_html_path`).
     """
     path = Path(path)
-    text = build_page(report)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, build_page(report))
 
 
 _CSS = """

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from moe_lm.compare import (compare_dense, config_differences, equal_wall_clock, gap_vs_tokens, paired_stats,
-                            variant_configs, verdict)
-from moe_lm.config import load_config
+from moe_lm.compare import (compare_dense, equal_wall_clock, gap_vs_tokens, paired_stats, variant_configs,
+                            verdict)
+from moe_lm.config import config_differences, load_config
 from moe_lm.errors import ConfigError, RunError
 from moe_lm.model.accounting import flops_per_token
 from moe_lm.training.metrics import read_metrics

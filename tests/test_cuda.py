@@ -70,7 +70,7 @@ def test_the_path_rule_takes_grouped_mm_on_cuda_in_bf16_where_torch_has_it():
 def test_a_few_bf16_autocast_training_steps_lower_the_loss():
     from moe_lm.config import load_config
     from moe_lm.model.transformer import Transformer
-    from moe_lm.training.trainer import build_optimizer
+    from moe_lm.training.step import build_optimizer
 
     cfg = load_config("configs/tiny-moe.yaml", ["model.vocab_size=256", "model.n_layers=2", "model.d_model=64",
                                                 "model.n_heads=2", "model.ffn_hidden=64", "model.seq_len=32"])

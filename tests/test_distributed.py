@@ -25,7 +25,8 @@ from moe_lm.config import load_config
 from moe_lm.errors import ConfigError
 from moe_lm.training import checkpoint as ckpt_io
 from moe_lm.training.metrics import read_metrics
-from moe_lm.training.trainer import _check_parallel, build_optimizer, train
+from moe_lm.training.step import build_optimizer
+from moe_lm.training.trainer import _check_parallel, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MOE = ROOT / "configs" / "tiny-moe.yaml"

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from moe_lm.config import ModelConfig, MoEConfig, load_config
 from moe_lm.errors import CheckpointError, ExportError
-from moe_lm.export import export_hf, hf_target, write_hf_folder
+from moe_lm.export import export_hf, write_hf_folder
+from moe_lm.hf_format import hf_target
 from moe_lm.generate import generate_ids
 from moe_lm.loading import load_model
 from moe_lm.model.transformer import Transformer

@@ -16,7 +16,8 @@ from moe_lm.config import load_config
 from moe_lm.errors import DataError, RunError, TrainingError
 from moe_lm.training import checkpoint as ckpt_io
 from moe_lm.training.metrics import read_metrics
-from moe_lm.training.trainer import TrainResult, build_optimizer, lr_at, train
+from moe_lm.training.step import build_optimizer, lr_at
+from moe_lm.training.trainer import TrainResult, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # the 8-expert top-2 config these tests were written against (tiny-moe is the 32-expert demo now)
@@ -260,7 +261,7 @@ def test_grad_accumulation_keeps_the_whole_batch_balance_loss_and_its_gradient(r
 
     from moe_lm.config import ModelConfig, MoEConfig
     from moe_lm.model.transformer import Transformer
-    from moe_lm.training.trainer import accumulate_gradients
+    from moe_lm.training.step import accumulate_gradients
 
     x = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, 1)

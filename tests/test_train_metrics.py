@@ -11,8 +11,11 @@ import torch
 from rich.console import Console
 
 from moe_lm.config import MoEConfig
-from moe_lm.training.metrics import (CollapseAlarm, LayerLoad, LoadMeter, TrainDisplay, load_summary,
-                                     perplexity, truncate_metrics, read_metrics, JsonlSink)
+from moe_lm.stats import load_summary, perplexity
+from moe_lm.training.alarm import CollapseAlarm
+from moe_lm.training.display import TrainDisplay
+from moe_lm.training.load import LayerLoad, LoadMeter
+from moe_lm.training.metrics import JsonlSink, read_metrics, truncate_metrics
 
 
 @dataclass

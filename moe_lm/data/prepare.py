@@ -53,25 +53,37 @@ SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 
 
+def _option(default, help: str, show_default: bool = True):
+    """A PrepareOptions field that is also a `moe-lm prepare` option (its help and whether the
+    help shows the default)."""
+    return field(default=default, metadata={"help": help, "show_default": show_default})
+
+
 @dataclass
 class PrepareOptions:
-    """What the `prepare` command was asked for. Every field has the CLI's default."""
+    """What the `prepare` command was asked for. The fields with a help text are the command's
+    options, declared here once: cli.py makes `--field-name` of each, with the field's type,
+    default and help. The others are for callers of the library (tests, benchmarks)."""
 
-    dataset: Optional[str] = None  # HF dataset name (or a local dataset folder)
-    dataset_config: Optional[str] = None
-    split: Optional[str] = None  # the HF split to train on (default "train")
-    text_column: str = "text"
-    streaming: bool = False
-    data_files: Optional[str] = None  # a glob of txt / jsonl / json / parquet files
-    name: Optional[str] = None  # data/<name>/; default: the source's name
-    out: Optional[Path] = None  # an explicit output folder instead of data/<name>/
-    vocab_size: Optional[int] = None  # None = 8192, or the size of --tokenizer
-    tokenizer: Optional[Path] = None  # reuse this tokenizer.json
-    val_fraction: float = 0.05  # documents held out for validation (when the source has no own split)
-    test_fraction: float = 0.02  # documents held out for test (when the source has no own split); 0 = none
-    max_documents: Optional[int] = None  # cap on documents read (per stream of the source)
-    max_bytes: Optional[int] = None  # cap on UTF-8 bytes of text read (per stream)
-    overwrite: bool = False
+    dataset: Optional[str] = _option(None, "A Hugging Face dataset name, e.g. roneneldan/TinyStories.")  # or a folder
+    dataset_config: Optional[str] = _option(None, "The dataset's configuration (subset) name.")
+    split: Optional[str] = _option(
+        None, "Split to read (default: train; the dataset's own validation split is used when it has one).")
+    text_column: str = _option("text", "Column holding the text (HF datasets and jsonl/json/parquet files).")
+    streaming: bool = _option(False, "Stream the HF dataset instead of downloading it whole.")
+    data_files: Optional[str] = _option(None, "Local files: a glob of txt, jsonl, json or parquet files.")
+    name: Optional[str] = _option(None, "Output name: writes data/<name>/ (default: the source's name).")
+    out: Optional[Path] = _option(None, "Output folder (instead of data/<name>/).")
+    vocab_size: Optional[int] = _option(
+        None, "Size of the byte-level BPE vocabulary to train [default: 8192; with --tokenizer: its size].",
+        show_default=False)
+    tokenizer: Optional[Path] = _option(None, "Reuse this tokenizer.json instead of training one.")
+    val_fraction: float = _option(0.05, "Share of documents held out for validation (by a hash of each document).")
+    test_fraction: float = _option(
+        0.02, "Share of documents held out for test.bin when the source has no test split of its own (0 = none).")
+    max_documents: Optional[int] = _option(None, "Read at most this many documents.")  # per stream of the source
+    max_bytes: Optional[int] = _option(None, "Read at most this many bytes of text.")  # UTF-8 bytes, per stream
+    overwrite: bool = _option(False, "Replace an existing output folder.")
     tokenizer_sample_bytes: int = 200_000_000  # train the BPE on at most this much training text
     max_word_chars: int = MAX_WORD_CHARS  # longer runs of (non-)whitespace are cut for BPE training
     batch_bytes: int = 1 << 20  # text per encode_batch call (and per append to the shards)

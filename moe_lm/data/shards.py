@@ -7,7 +7,7 @@ documents carry domain tags, `<split>.domains.bin` (uint16, one domain id per to
 
 Reading never loops over tokens in Python: a batch is one numpy fancy-index gather from a memmap.
 
-    data = TokenData.open("data/builtin")
+    data = TokenData.open("data/builtin")        # or open_for_config(cfg): checked for training
     x, y = get_batch(data.split("train"), batch_index=0, batch_size=16, seq_len=128, seed=0)
 """
 
@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional
 import numpy as np
 
 from ..errors import DataError
+from ..files import sha256_file
 
 if TYPE_CHECKING:
     import torch
+
+    from ..config import Config
 
 META = "meta.json"
 TOKENIZER = "tokenizer.json"
@@ -35,14 +38,6 @@ PREPARE_HINT = "prepare it again with `moe-lm prepare --overwrite` (add the opti
 def token_dtype(vocab_size: int) -> str:
     """uint16 when every id fits (vocab ≤ 65536), else uint32."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +189,40 @@ def _memmap(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
     if n == 0:  # NOTE: np.memmap refuses empty files
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def open_for_config(cfg: Config) -> TokenData:
+    """The data folder `cfg` trains on (data.dir), checked for training: it is a folder written by
+    `moe-lm prepare`, its vocabulary is model.vocab_size when that is set, and its train and val
+    splits hold at least model.seq_len + 1 tokens (DataError otherwise, with the fix). A null
+    model.vocab_size is the caller's to fill from `.vocab_size`; cfg is not changed here."""
+    data_dir = Path(cfg.data.dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data.dir {data_dir} is a file, not a data folder",
+                        "set data.dir to a folder written by `moe-lm prepare`")
+    if not data_dir.is_dir():
+        how = (f"moe-lm prepare --out {data_dir} --vocab-size {cfg.data.vocab_size}" if cfg.data.vocab_size
+               else "moe-lm prepare")
+        raise DataError(f"data folder {data_dir} does not exist",
+                        f"prepare it with `{how}` (built-in corpus; or `moe-lm prepare -c <this config>`), "
+                        "or set data.dir=...")
+    data = TokenData.open(data_dir)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != data.vocab_size:
+        raise DataError(
+            f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer of {data_dir} has {data.vocab_size} tokens",
+            "set model.vocab_size=null to take it from the data, or point data.dir at the matching folder",
+        )
+    need = cfg.model.seq_len + 1
+    for split in ("train", "val"):
+        try:
+            n = len(data.split(split))
+        except (KeyError, FileNotFoundError) as exc:
+            raise DataError(f"data folder {data_dir} has no {split} split",
+                            "prepare it again with `moe-lm prepare --overwrite`") from exc
+        if n < need:
+            raise DataError(f"the {split} split of {data_dir} has {n} tokens, fewer than model.seq_len + 1 = {need}",
+                            "lower model.seq_len or prepare more text")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,19 +22,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config, ModelConfig, config_warnings
+from ..config import Config, ModelConfig, config_warnings, moe_layer_ids
 from ..errors import ConfigError
 
 
 def _ffn_matrices(activation: str) -> int:
     """Weight matrices in one FFN of the given activation (SwiGLU has gate, up, down)."""
     return 3 if activation == "swiglu" else 2
-
-
-def moe_layer_ids(m: ModelConfig) -> list[int]:
-    if m.moe is None:
-        return []
-    return [i for i in range(m.n_layers) if i % m.moe.every == m.moe.every - 1]
 
 
 def experts_per_token(m: ModelConfig) -> Fraction:

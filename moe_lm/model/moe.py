@@ -176,7 +176,7 @@ class MoELayer(nn.Module):
         # that makes balance losses see the global batch, and this rank's share of the experts
         self.sum_over_ranks = None
         self.expert_parallel = None
-        # gradient accumulation (training.trainer.accumulate_gradients): the step's other
+        # gradient accumulation (training.step.accumulate_gradients): the step's other
         # micro-batches' balance statistics, a constant added to this forward's, so the balance loss
         # is the whole batch's; and the pre-pass flag that makes MoEStats carry the statistics
         self.balance_rest: torch.Tensor | None = None

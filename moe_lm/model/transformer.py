@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, moe_layer_ids
 from .moe import FeedForward, MoELayer, MoEStats
 
 
@@ -136,10 +136,9 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, std, out_std)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        moe = cfg.moe
-        self.is_moe = moe is not None and layer % moe.every == moe.every - 1
+        self.is_moe = layer in moe_layer_ids(cfg)
         if self.is_moe:
-            self.mlp: nn.Module = MoELayer(cfg.d_model, cfg.ffn_hidden, cfg.activation, moe, std, out_std,
+            self.mlp: nn.Module = MoELayer(cfg.d_model, cfg.ffn_hidden, cfg.activation, cfg.moe, std, out_std,
                                            seq_len=cfg.seq_len)
         else:
             self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.activation, std, out_std)
@@ -210,7 +209,12 @@ class Transformer(nn.Module):
                 block.mlp.router.update_bias()
 
     def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in block order (that of ModelOutput.moe_stats)."""
         return [b.mlp for b in self.layers if b.is_moe]
+
+    def moe_layer_ids(self) -> list[int]:
+        """The indices of the blocks whose FFN is an MoE layer (config.moe_layer_ids: the rule)."""
+        return [i for i, b in enumerate(self.layers) if b.is_moe]
 
     def num_params(self) -> int:
         """Total parameters (a tied head counted once)."""

@@ -18,7 +18,6 @@ temporary file, then os.replace). A kill at any instant leaves the previous chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,8 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..config import Config, config_hash, to_dict
+from ..config import Config, config_differences, config_hash, to_dict
 from ..errors import CheckpointError
+from ..files import fsync_dir, fsync_file, sha256_file, write_atomic, write_text_synced
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -62,55 +62,6 @@ def step_dir_name(step: int) -> str:
 
 def resume_hash(cfg: Config) -> str:
     return config_hash(cfg, ignore=RESUMABLE_CHANGES)
-
-
-# ---------------------------------------------------------------------------------------------
-# small file helpers
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step (temporary file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_text(tmp, text)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +164,17 @@ def find_latest(run_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` names a checkpoint folder (it holds a state.json, or is named step-NNNNNNN),
+    rather than a run folder."""
+    path = Path(path)
+    return (path / "state.json").is_file() or STEP_DIR.match(path.name) is not None
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run folder / checkpoints folder (-> its latest checkpoint)."""
     path = Path(path)
-    if (path / "state.json").is_file() or STEP_DIR.match(path.name):
+    if is_checkpoint_dir(path):
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist", _earlier_hint(path))
         return path
@@ -267,52 +225,50 @@ def read_state(ckpt: Path) -> dict:
         size = f.stat().st_size
         if size != info["bytes"]:
             raise broken(f"{name} has {size} bytes, expected {info['bytes']}")
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             raise broken(f"{name} does not match its checksum")
     return state
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, dict):
-                out.update(_flatten(v, key))
-            else:
-                out[key] = v
-    return out
-
-
-def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-    """'key: saved -> current' for every key that differs, except the ignored ones."""
-    a, b = _flatten(saved), _flatten(current)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in ignore or any(key.startswith(i + ".") for i in ignore):
-            continue
-        va, vb = a.get(key, "(absent)"), b.get(key, "(absent)")
-        if va != vb:
-            diffs.append(f"{key} {va!r} -> {vb!r}")
-    return diffs
-
-
-def check_config(ckpt: Path, state: dict, cfg: Config) -> None:
-    """The checkpoint must come from this config (up to RESUMABLE_CHANGES)."""
+def config_mismatch(ckpt: Path, state: dict, cfg: Config) -> list[str]:
+    """What differs between the config a checkpoint was trained with and `cfg`, beyond
+    RESUMABLE_CHANGES: one "key saved -> current" per difference ("its config hash differs" when
+    its config.yaml cannot be read); [] for the same config."""
     if state.get("config_hash") == resume_hash(cfg):
-        return
+        return []
     try:
         saved = yaml.safe_load((Path(ckpt) / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         saved = {}
-    diffs = config_differences(saved, to_dict(cfg))
-    what = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "") if diffs \
-        else "its config hash differs"
-    raise CheckpointError(
-        f"checkpoint {ckpt} was trained with another config ({what})",
-        "resume with the same settings (only train.max_steps and logging/checkpoint/device settings may "
-        "change), or start a new run under another name",
-    )
+    current = to_dict(cfg)
+    diffs = config_differences(saved, current, ignore=RESUMABLE_CHANGES)
+    return [f"{k} {_shown(saved, k)} -> {_shown(current, k)}" for k in diffs] or ["its config hash differs"]
+
+
+def _shown(d: dict, key: str) -> str:
+    """The value at a dotted key, as config_mismatch shows it: repr, a section as {...}."""
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return repr("(absent)")
+        d = d[part]
+    return "{...}" if isinstance(d, dict) else repr(d)
+
+
+def check_config(ckpt: Path, state: dict, cfg: Config) -> None:
+    """The checkpoint must come from this config (up to RESUMABLE_CHANGES); CheckpointError naming
+    the differences otherwise."""
+    diffs = config_mismatch(ckpt, state, cfg)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was trained with another config ({summarize_differences(diffs)})",
+            "resume with the same settings (only train.max_steps and logging/checkpoint/device settings may "
+            "change), or start a new run under another name",
+        )
+
+
+def summarize_differences(diffs: list[str], at_most: int = 6) -> str:
+    """config_mismatch's lines as one: the first `at_most`, then how many more."""
+    return "; ".join(diffs[:at_most]) + (f"; and {len(diffs) - at_most} more" if len(diffs) > at_most else "")
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -379,21 +335,21 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
     torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state, "scaler": scaler.state_dict() if scaler is not None else None},
                tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    _write_text(tmp / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_synced(tmp / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
 
     files = {}
     for f in sorted(tmp.iterdir()):
-        _fsync_file(f)
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        fsync_file(f)
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     full_state = {
         "format": FORMAT, "step": step, "config_hash": resume_hash(cfg), "moe_lm_version": __version__,
         "torch_version": torch.__version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **state, "files": files,
     }
-    _write_text(tmp / "state.json", json.dumps(full_state, indent=1))
-    _fsync_dir(tmp)
+    write_text_synced(tmp / "state.json", json.dumps(full_state, indent=1))
+    fsync_dir(tmp)
 
     # NOTE: a folder of the same step exists when a resumed run passes a step it had saved before
     # (e.g. resumed from an earlier checkpoint): move it aside, move the new one in, then delete.
@@ -402,7 +358,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
         trash = root / f".trash-{final.name}-{os.getpid()}"
         os.rename(final, trash)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_atomic(root / LATEST, final.name + "\n")
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
