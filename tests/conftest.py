@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell starts a background job (`make test &`, a CI step under nohup) with SIGINT ignored, and
+# processes inherit that, ignored signals surviving exec: the Ctrl-C tests would then send a
+# signal nobody hears. Give this process Python's own Ctrl-C handler back; the children it starts
+# get the default disposition again at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
