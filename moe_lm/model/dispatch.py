@@ -252,18 +252,17 @@ class ExpertThreads:
         def drain():
             try:
                 with torch.no_grad():
-                    for i in iter(taken.__next__, None):
-                        if i >= n_jobs or errors:
-                            break
+                    while (i := next(taken)) < n_jobs and not errors:
                         results[i] = fn(i)
             except BaseException as exc:  # noqa: BLE001 - raised again in the caller
                 errors.append(exc)
             finally:
                 done.release()
 
-        for q in self._queues[:max(1, min(self.n, n_jobs))]:
+        workers = self._queues[:max(1, min(self.n, n_jobs))]
+        for q in workers:
             q.put(drain)
-        for _ in range(max(1, min(self.n, n_jobs))):
+        for _ in workers:
             done.acquire()
         if errors:
             raise errors[0]
