@@ -1,5 +1,6 @@
 """One command for a CUDA machine (`make gpu-check`): the CUDA tests, the MoE layer in bf16 against
-transformers' grouped_mm, training throughput of configs/small-moe.yaml, a 2-process torchrun
+transformers' grouped_mm, training throughput of configs/small-moe.yaml and where its step's
+time goes (benchmarks/profile_train.py: kernel launches, host syncs), a 2-process torchrun
 (NCCL) when two GPUs exist, and a short compare-dense on the built-in corpus at a GPU-sized
 config. Writes one JSON and prints a table; each step has a time budget (killed past it, recorded
 as "timeout"), all together within 8 minutes on one H200.
@@ -44,7 +45,7 @@ def plan(out: Path, n_gpus: int | None) -> list[Step]:
              "train.eval_every=100", "train.eval_batches=10", "train.checkpoint_every=100000", "train.log_every=50"]
     steps = [
         Step("tests on CUDA (pytest -m cuda)",
-             [py, "-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider", "-rs"], 80),
+             [py, "-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider", "-rs"], 70),
         Step("bench layer bf16 (8x2, 64x8) vs transformers",
              [py, "benchmarks/bench_layer.py", "--device", "cuda", "--dtype", "bfloat16", "--threads", "0",
               "--repeats", "20", "--warmup", "3", "--also", "fused", "padded", "--json", str(out / "layer.json")],
@@ -52,6 +53,12 @@ def plan(out: Path, n_gpus: int | None) -> list[Step]:
         Step("bench train configs/small-moe.yaml",
              [py, "benchmarks/bench_train.py", "--config", "configs/small-moe.yaml", "--device", "cuda",
               "--json", str(out / "train.json")], 60, "train.json"),
+        Step("bench train configs/tiny-moe.yaml (the demo's shape)",
+             [py, "benchmarks/bench_train.py", "--config", "configs/tiny-moe.yaml", "--device", "cuda",
+              "--json", str(out / "train_demo.json")], 30, "train_demo.json"),
+        Step("profile a small-moe training step (launches, host syncs)",
+             [py, "benchmarks/profile_train.py", "--config", "configs/small-moe.yaml", "--device", "cuda",
+              "--top", "10", "--json", str(out / "profile.json")], 30, "profile.json"),
         Step("prepare the built-in corpus",
              [py, "-m", "moe_lm", "prepare", "--out", str(data), "--overwrite"], 40),
         Step("torchrun 2 processes (NCCL), small-moe 30 steps",
@@ -63,7 +70,7 @@ def plan(out: Path, n_gpus: int | None) -> list[Step]:
         Step("compare-dense, small-moe shape, 300 steps, 1 seed",
              [py, "-m", "moe_lm", "compare-dense", "--config", "configs/small-moe.yaml", "--seeds", "1",
               "--out", str(out / "compare"), "--overwrite", "--device", "cuda", *short],
-             160, "compare/report.json"),
+             120, "compare/report.json"),
     ]
     assert sum(s.budget_s for s in steps) <= TOTAL_BUDGET_S
     if n_gpus is not None:
@@ -104,6 +111,9 @@ def figures(rec: dict) -> str:
         return last[-1].strip("= ") if last else ""
     if r is None:
         return ""
+    if isinstance(r, list) and r and "kernel_launches" in r[0]:  # profile_train: one dict per model
+        return "; ".join(f"{x['name']} {x['wall_ms']:.0f} ms/step (host {x['host_busy_ms']:.0f}, GPU {x['device_busy_ms']:.0f}), "
+                         f"{x['kernel_launches']:.0f} launches, {sum(v for k, v in x['syncs'].items() if k.startswith('cuda')):.0f} blocking CUDA calls" for x in r)
     if isinstance(r, list):  # bench layer: one dict per shape
         parts = []
         for x in r:

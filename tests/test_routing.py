@@ -363,3 +363,17 @@ def test_an_untrained_router_with_tied_scores_spreads_the_load(router):
     for s in out.moe_stats:
         max_mean = (s.load.max() / s.load.mean()).item()
         assert max_mean < 1.5, max_mean  # evenly spread: 1.0 (main: 4.0 at top-2 of 8, 8.0 at top-1)
+
+
+@pytest.mark.parametrize("n_assign,n_experts", [(0, 4), (1, 4), (37, 5), (4096, 64)])
+def test_count_per_expert_equals_a_count_by_hand(n_assign, n_experts):
+    from collections import Counter
+
+    from moe_lm.model.routing import count_per_expert
+
+    g = torch.Generator().manual_seed(n_assign)
+    expert = torch.randint(0, max(1, n_experts // 2), (n_assign,), generator=g)  # the upper half stays empty
+    by_hand = Counter(expert.tolist())
+    counts = count_per_expert(expert, n_experts)
+    assert counts.dtype == torch.int64 and counts.shape == (n_experts,)
+    assert counts.tolist() == [by_hand.get(e, 0) for e in range(n_experts)]

@@ -50,6 +50,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .routing import count_per_expert
+
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 PATHS = ("fused", "padded") + (("grouped_mm",) if _grouped_mm is not None else ())
 
@@ -61,7 +63,7 @@ PAD_SLACK = 1.5
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, n_experts: int):
     """-> token (A,), weight (A,) sorted by expert (stable), and counts (E,) of assignments per expert."""
     order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=n_experts)
+    counts = count_per_expert(expert, n_experts)
     return token[order], weight[order], counts
 
 
@@ -137,7 +139,7 @@ def moe_ffn_expert_parallel(x: torch.Tensor, token: torch.Tensor, expert: torch.
     N, n_local = ep.world_size, ep.n_local
     order = torch.argsort(expert, stable=True)  # by expert = by destination rank, then expert
     token_s, weight_s = token[order], weight[order]
-    sent = torch.bincount(expert, minlength=N * n_local)  # (E,) rows for each expert
+    sent = count_per_expert(expert, N * n_local)  # (E,) rows for each expert
     got = distributed.exchange_counts(sent).view(N, n_local)  # (source rank, local expert)
     # NOTE: one host sync per layer: all_to_all_single takes its split sizes as Python ints.
     send_splits, recv_splits = sent.view(N, n_local).sum(1).tolist(), got.sum(1).tolist()

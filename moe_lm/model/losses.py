@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .routing import Routing
+from .routing import Routing, count_per_expert
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -76,7 +76,7 @@ def balance_stats(name: str, r: Routing, n_experts: int) -> torch.Tensor:
     switch: [counts (E) (no gradient), Σ_tokens p (E), token count (1)]; shazeer: [importance (E),
     smooth load (E)]."""
     if name == "switch":
-        counts = torch.bincount(r.expert, minlength=n_experts).float()
+        counts = count_per_expert(r.expert, n_experts).float()
         return torch.cat([counts, r.probs.float().sum(dim=0), counts.new_full((1,), r.probs.shape[0])])
     if name == "shazeer":
         if r.noisy_logits is None or r.noise_std is None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from . import dispatch, losses
-from .routing import ROUTERS, ExpertChoice, Routing
+from .routing import ROUTERS, ExpertChoice, Routing, count_per_expert
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -244,13 +244,14 @@ class MoELayer(nn.Module):
                kept_token: torch.Tensor) -> MoEStats:
         E, cfg = self.n_experts, self.cfg
         with torch.no_grad():
-            load = torch.bincount(kept_expert, minlength=E).float()
+            load = count_per_expert(kept_expert, E).float()
             imp = losses.importance(r, E).detach()
             if r.top_k == 0:  # expert choice: tokens nobody took
                 taken = torch.zeros(n_tokens, device=load.device).index_fill_(0, kept_token, 1.0)
                 dropped = 1.0 - taken.mean()
             else:
-                dropped = torch.tensor(1.0 - kept_expert.numel() / max(n_assigned, 1), device=load.device)
+                # NOTE: torch.full fills on the device; torch.tensor(v, device=...) would copy from the host and wait
+                dropped = torch.full((), 1.0 - kept_expert.numel() / max(n_assigned, 1), device=load.device)
             ent = losses.entropy(r.probs)
         zero = r.logits.new_zeros(())
         if self.measure_balance and self.has_balance_loss:  # the pre-pass: statistics, no loss
