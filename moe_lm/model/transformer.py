@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, moe_layer_ids
+from . import lm_loss
 from .moe import FeedForward, MoELayer, MoEStats
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: Optional[torch.Tensor]  # (B, T, V); None when the loss was fused (lm_loss.fused_applies)
     loss: Optional[torch.Tensor]  # mean cross-entropy, or None without targets
     # The papers' convention (Shazeer 2017's w, Switch's 0.01, ST-MoE's z-loss 0.001; tensor2tensor
     # and mesh-tensorflow add the layers' losses): each MoE layer's loss times the coefficient,
@@ -187,15 +188,18 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
-        logits = F.linear(x, self.head_weight)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        logits = loss = None
+        if lm_loss.fused_applies(x, targets):  # CPU training: head + loss fused, no logits kept
+            loss = lm_loss.linear_cross_entropy(x, self.head_weight, targets)
+        else:
+            logits = F.linear(x, self.head_weight)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         if stats:
             aux = torch.stack([s.balance_loss for s in stats]).sum()  # per-layer coefficients, summed
             z = torch.stack([s.z_loss for s in stats]).sum()
         else:
-            aux = z = logits.new_zeros((), dtype=torch.float32)
+            aux = z = x.new_zeros((), dtype=torch.float32)
         return ModelOutput(logits, loss, aux, z, stats)
 
     def new_cache(self) -> KVCache:

@@ -1,0 +1,86 @@
+"""The language-model loss: the output head and the cross-entropy, fused and taken in row chunks.
+
+    loss = linear_cross_entropy(x, w, targets)     # x (N, d), w (V, d), targets (N,) -> scalar
+
+    loss = mean over rows n with targets[n] != IGNORE of  logsumexp(x_n w^T) - (x_n w^T)[targets[n]]
+
+the same value and gradients as `F.cross_entropy(F.linear(x, w).float(), targets)`, without the
+(N, V) logits in memory. Why: in a small model the head and its loss are most of a training step
+(the demo's d_model 64, vocabulary 2048: one (4096, 2048) float32 logits tensor, 32 MB, read and
+written by the head matmul, log-softmax, its backward and the one-hot fill of the NLL backward -
+about 40% of the step on a CPU, docs/PERFORMANCE.md). Taken a chunk of rows at a time, each
+chunk's logits stay in the cache while they are exponentiated, summed and turned into the
+gradient, and the gradient is computed in the forward (the loss is the last op: its backward only
+scales by the incoming gradient). The method of Liger Kernel's fused linear cross-entropy
+(Hsu et al. 2024, arXiv:2410.10989), here in plain torch ops.
+
+Used by the Transformer where it measured faster: on a CPU, with targets, under autograd (see
+`Transformer.forward`); elsewhere the plain head + F.cross_entropy (and on a GPU, torch.compile
+fuses those).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100  # F.cross_entropy's default ignore_index
+
+# NOTE: rows per chunk such that one chunk's float32 logits take about this many bytes: the
+# core's L2 (AMD EPYC and Intel Xeon: 0.5-2 MB), measured on the demo's shape (docs/PERFORMANCE.md).
+CHUNK_BYTES = 2 << 20
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """x (N, d), w (V, d), targets (N,) int64 -> mean cross-entropy, float32 scalar."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        N, V = x.shape[0], w.shape[0]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid = targets != IGNORE
+        n_valid = valid.sum().clamp_min(1).to(torch.float32)
+        tgt = torch.where(valid, targets, 0)
+        wf = w.float()
+        gx = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_x else None
+        gw = torch.zeros(wf.shape, dtype=torch.float32, device=x.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        rows = max(1, CHUNK_BYTES // (4 * V))
+        for s in range(0, N, rows):
+            xc = x[s:s + rows].float()
+            logits = xc @ wf.t()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            t, m = tgt[s:s + rows], valid[s:s + rows]
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * m).sum()
+            if need_x or need_w:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(len(t), device=x.device), t] -= 1.0
+                p.mul_((m.to(p.dtype) / n_valid)[:, None])  # d(mean loss)/d(logits); ignored rows 0
+                if need_x:
+                    torch.mm(p, wf, out=gx[s:s + rows])
+                if need_w:  # NOTE: out of place: torch's FLOP counter does not see addmm_
+                    gw = torch.addmm(gw, p.t(), xc)
+        ctx.save_for_backward(gx, gw)
+        ctx.dtypes = (x.dtype, w.dtype)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gx, gw = ctx.saved_tensors
+        dx = (gx * grad).to(ctx.dtypes[0]) if gx is not None else None
+        dw = (gw * grad).to(ctx.dtypes[1]) if gw is not None else None
+        return dx, dw, None
+
+
+def fused_applies(x: torch.Tensor, targets) -> bool:
+    """Where the Transformer takes the fused loss: targets given, on a CPU, under autograd (about
+    2x the plain head + loss there, 1.26-1.34x the demo's whole training step, docs/PERFORMANCE.md),
+    without autocast (whose casts it would bypass). Elsewhere the plain path, which also returns
+    the logits."""
+    return (targets is not None and x.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits x @ w^T against targets, fused and chunked (module doc).
+    x (N, d) or (..., d); w (V, d); targets of x's leading shape, int64, IGNORE rows left out."""
+    return LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), w, targets.reshape(-1))
