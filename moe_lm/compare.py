@@ -250,6 +250,7 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
         pc, fl = param_counts(vcfg.model), flops_per_token(vcfg.model)
         report["variants"][v] = {
             "label": VARIANT_LABELS[v], "ffn_hidden": vcfg.model.ffn_hidden, "lr": lrs[v],
+            "ffn_out_lr_scale": vcfg.train.ffn_out_lr_scale,
             "params_total": pc["total"], "params_active": pc["active"],
             "flops_per_token": fl["total"], "router_flops_per_token": fl["router"],
             "train_tokens": rs[0].tokens, "train_flops": statistics.mean(r.flops for r in rs),
@@ -442,7 +443,8 @@ def table_rows(report: dict) -> list[tuple[str, ...]]:
         ("  of which router", *[f"{vs[k]['router_flops_per_token'] / 1e6:.3f}M" for k in keys]),
         ("training tokens", *[f"{vs[k]['train_tokens']:,}" for k in keys]),
         ("training FLOPs", *[f"{vs[k]['train_flops']:.3g}" for k in keys]),
-        ("learning rate", *[f"{vs[k]['lr']:g}" for k in keys]),
+        ("learning rate", *[f"{vs[k]['lr']:g}" + (f" (FFN output x{vs[k]['ffn_out_lr_scale']:.3g})"
+                                                   if vs[k].get("ffn_out_lr_scale", 1.0) != 1.0 else "") for k in keys]),
         ("tokens/s (median)", *[f"{vs[k]['tokens_per_s']:,.0f}" for k in keys]),
         ("wall time per run", *[f"{vs[k]['wall_s']:.0f} s" for k in keys]),
         ("val perplexity (mean ± std)", *[f"{vs[k]['val_ppl_mean']:.2f} ± {vs[k]['val_ppl_std']:.2f}" for k in keys]),

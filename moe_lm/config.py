@@ -92,6 +92,11 @@ class TrainConfig:
     warmup_steps: int = 20
     max_steps: int = 300
     weight_decay: float = 0.1
+    # multiplier of the learning rate of every FFN's output matrix (dense down_proj, the experts'
+    # w_down): muP's Adam rule for an FFN wider than the one whose rate was tuned is base width /
+    # width (Yang et al. 2022, "Tensor Programs V", Table 3). compare-dense's equal-total-parameters
+    # dense model sets it to twin width / its width (accounting.dense_total); 1 elsewhere.
+    ffn_out_lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping
@@ -297,6 +302,7 @@ LIMITS: dict[str, Limit] = {
     "train.warmup_steps": Limit(0, _STEPS),
     "train.max_steps": Limit(1, _STEPS),
     "train.weight_decay": Limit(0, 100),
+    "train.ffn_out_lr_scale": Limit(0, 1000, lo_open=True, hint="1 = the same rate as every other matrix"),
     "train.beta1": Limit(0, 1, hi_open=True),
     "train.beta2": Limit(0, 1, hi_open=True),
     "train.grad_clip": Limit(0, 1e12, hint="0 = no clipping"),

@@ -114,6 +114,9 @@ def test_dense_total_has_as_many_parameters_as_the_moe():
     assert big.model.moe is None
     total, dense = param_counts(cfg.model)["total"], param_counts(big.model)["total"]
     assert abs(dense - total) / total < 0.005
+    # muP: the output matrices' rate scaled by twin width (top-4 experts of 64) / its own width
+    assert big.train.ffn_out_lr_scale == pytest.approx(4 * 64 / big.model.ffn_hidden)
+    assert cfg.train.ffn_out_lr_scale == 1.0
 
 
 def test_info_renders_total_active_twin_and_memory(tmp_path):

@@ -52,6 +52,7 @@ def test_the_resolved_config_round_trips_through_yaml(tmp_path):
     ("model.moe.top_k=9", ["model.moe.top_k = 9", "between 1 and model.moe.n_experts (8)"]),
     ("model.d_model=130", ["model.d_model = 130", "divisible by model.n_heads (4)"]),
     ("train.lr=-0.001", ["train.lr = -0.001", "positive"]),
+    ("train.ffn_out_lr_scale=0", ["train.ffn_out_lr_scale = 0", "1 = the same rate"]),
     ("model.activation=tanh", ["model.activation = 'tanh'", "relu | gelu | swiglu"]),
     ("train.lr", ["not of the form key=value"]),
 ])

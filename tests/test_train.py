@@ -302,3 +302,33 @@ def test_grad_accumulation_keeps_the_whole_batch_balance_loss_and_its_gradient(r
         assert rel.item() < 1e-5, f"grad_accum {k}: balance-loss gradient off by {rel.item():.2e}"
         for a, b in zip(load, ref_load):  # the pre-pass does not count the load twice
             assert torch.equal(a, b)
+
+
+def test_ffn_out_lr_scale_moves_ffn_output_matrices_by_that_fraction_of_the_rate(tiny_data_dir):
+    """Adam's first step moves a weight by lr · g / (|g| + eps) (both moments bias-corrected from one
+    gradient): lr wherever |g| >> eps. With weight decay 0, the FFN output matrices - and only they
+    - must move by scale × lr (muP's rule for a wider FFN, train.ffn_out_lr_scale)."""
+    from moe_lm.model.transformer import Transformer
+    from moe_lm.training.step import is_ffn_output, set_lr
+
+    for config in (TINY_MOE, ROOT / "configs" / "tiny-dense.yaml"):
+        cfg = load_config(config, tiny(tiny_data_dir, "model.vocab_size=64", "train.weight_decay=0",
+                                       "train.ffn_out_lr_scale=0.25"))
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        opt = build_optimizer(model, cfg, torch.device("cpu"))
+        idx = torch.randint(0, 64, (4, 16))
+        out = model(idx, idx)
+        (out.loss + out.aux_loss + out.z_loss).backward()
+        before = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in model.named_parameters()}
+        set_lr(opt, 1e-3)
+        opt.step()
+        outputs = {n for n, _ in model.named_parameters() if is_ffn_output(n)}
+        assert outputs == {n for n, _ in model.named_parameters() if n.endswith(("down_proj.weight", "w_down"))}
+        assert len(outputs) == cfg.model.n_layers
+        for n, p in model.named_parameters():
+            w0, g = before[n]
+            moved = (p.detach() - w0).abs()[g.abs() > 1e-5]
+            if moved.numel():
+                expected = 1e-3 * (0.25 if n in outputs else 1.0)
+                assert moved.median().item() == pytest.approx(expected, rel=1e-3), n

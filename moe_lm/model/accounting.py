@@ -125,7 +125,8 @@ def dense_twin(cfg: Config) -> Config:
 def dense_total(cfg: Config) -> Config:
     """A dense config with (to rounding) as many total parameters as the MoE: every FFN one dense
     FFN holding the MoE's FFN parameters (experts, shared experts and router) spread over the
-    layers. The name gets a "-dense-total" suffix."""
+    layers, its output matrices' learning rate scaled by twin width / its width (muP,
+    train.ffn_out_lr_scale). The name gets a "-dense-total" suffix."""
     m = cfg.model
     out = copy.deepcopy(cfg)
     if m.moe is None:
@@ -135,6 +136,9 @@ def dense_total(cfg: Config) -> Config:
     c = _ffn_matrices(m.activation)
     out.model.moe = None
     out.model.ffn_hidden = max(1, int(round(ffn_params / (c * m.d_model * m.n_layers))))
+    # muP: the twin's tuned rate carries over to the wider FFN with its output matrix's rate scaled
+    # by twin width / this width (at one shared rate it trailed the twin: docs/RESULTS.md)
+    out.train.ffn_out_lr_scale = cfg.train.ffn_out_lr_scale * dense_twin(cfg).model.ffn_hidden / out.model.ffn_hidden
     out.name = f"{cfg.name}-dense-total"
     return out
 
