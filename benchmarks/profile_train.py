@@ -61,8 +61,9 @@ def profile_model(name, cfg, dev, amp_dtype, steps: int, top: int) -> dict:
     on_device = dev.type == "cuda"
 
     def dev_time(e):  # microseconds of device time an op spent itself
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) if on_device \
-            else e.self_cpu_time_total
+        if not on_device:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
     kernels = [e for e in prof.events() if on_device and str(getattr(e, "device_type", "")).endswith("CUDA")]
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",

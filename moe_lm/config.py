@@ -95,7 +95,8 @@ class TrainConfig:
     # multiplier of the learning rate of every FFN's output matrix (dense down_proj, the experts'
     # w_down): muP's Adam rule for an FFN wider than the one whose rate was tuned is base width /
     # width (Yang et al. 2022, "Tensor Programs V", Table 3). compare-dense's equal-total-parameters
-    # dense model sets it to twin width / its width (accounting.dense_total); 1 elsewhere.
+    # dense model sets it to twin width / its width (accounting.dense_total); 1 elsewhere. AdamW's
+    # decoupled decay of those matrices (rate x weight_decay) scales with it.
     ffn_out_lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -463,12 +464,34 @@ def config_differences(a: Config | dict, b: Config | dict, ignore: tuple[str, ..
     return sorted(k for k in diffs if not any(k.startswith(p + ".") for p in diffs))
 
 
+# Keys added after runs were first saved, with the value that trains as the code did before them:
+# a saved config without such a key means that value (checkpoint matching, config_hash), so runs
+# saved before the key existed still resume and are still reused.
+ADDED_KEYS: dict[str, object] = {"train.ffn_out_lr_scale": 1.0}
+
+
+def with_added_keys(d: dict) -> dict:
+    """A config dict (as saved in config.yaml) with every ADDED_KEYS key it lacks set to its value."""
+    out = copy.deepcopy(d)
+    for key, value in ADDED_KEYS.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:  # a section the saved config lacks (or holds null) is left as it is
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(last, value)
+    return out
+
+
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = ("train.max_steps",)) -> str:
     """A short hash of what defines the model and its training, to match checkpoints to runs.
 
-    `ignore` lists dotted keys left out (extending max_steps on resume is allowed).
+    `ignore` lists dotted keys left out (extending max_steps on resume is allowed); ADDED_KEYS at
+    their old-behaviour value are left out too, so a config hashes as it did before they existed.
     """
     data = to_dict(cfg)
+    flat = flat_dict(data)
+    ignore = tuple(ignore) + tuple(k for k, v in ADDED_KEYS.items() if flat.get(k) == v)
     for key in ignore:
         node = data
         *parents, last = key.split(".")

@@ -166,3 +166,37 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadab
     result = train(cfg, out_dir=run, resume="auto", console=Console(file=io.StringIO()), plots=False)
     assert result.steps == 5
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_checkpoint_saved_before_a_key_existed_matches_the_keys_old_behaviour(tmp_path):
+    """train.ffn_out_lr_scale came later: a run saved without it trained as 1.0 does, so a config
+    at 1.0 hashes as configs did before the key (the written-out definition below: sha256 of the
+    sorted JSON of the config minus the resumable keys), and a saved config.yaml without it reads
+    as 1.0 when compared key by key."""
+    import hashlib
+    import json
+
+    import yaml
+
+    from moe_lm.config import flat_dict, to_dict
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=64"])
+    saved = to_dict(cfg)
+    del saved["train"]["ffn_out_lr_scale"]
+    for key in ckpt_io.RESUMABLE_CHANGES:
+        *parents, last = key.split(".")
+        node = saved
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(last, None)
+    old_hash = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:16]
+    assert ckpt_io.resume_hash(cfg) == old_hash
+    assert ckpt_io.config_mismatch(tmp_path, {"config_hash": old_hash}, cfg) == []
+
+    other = load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=64", "train.ffn_out_lr_scale=0.5"])
+    assert ckpt_io.resume_hash(other) != old_hash
+    old_yaml = to_dict(cfg)
+    del old_yaml["train"]["ffn_out_lr_scale"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old_yaml), encoding="utf-8")
+    assert "train.ffn_out_lr_scale" not in flat_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert ckpt_io.config_mismatch(tmp_path, {"config_hash": old_hash}, other) == ["train.ffn_out_lr_scale 1.0 -> 0.5"]

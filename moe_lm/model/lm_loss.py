@@ -4,8 +4,8 @@
 
     loss = mean over rows n with targets[n] != IGNORE of  logsumexp(x_n w^T) - (x_n w^T)[targets[n]]
 
-the same value and gradients as `F.cross_entropy(F.linear(x, w).float(), targets)`, without the
-(N, V) logits in memory. Why: in a small model the head and its loss are most of a training step
+the same value and gradients as `F.cross_entropy(F.linear(x, w).float(), targets)` whenever at
+least one target counts (with none: 0, where torch gives nan), without the (N, V) logits in memory. Why: in a small model the head and its loss are most of a training step
 (the demo's d_model 64, vocabulary 2048: one (4096, 2048) float32 logits tensor, 32 MB, read and
 written by the head matmul, log-softmax, its backward and the one-hot fill of the NLL backward -
 about 40% of the step on a CPU, docs/PERFORMANCE.md). Taken a chunk of rows at a time, each
@@ -22,6 +22,7 @@ fuses those).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
 
@@ -50,11 +51,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = xc @ wf.t()  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)
             t, m = tgt[s:s + rows], valid[s:s + rows]
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * m).sum()
+            total += torch.where(m, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
             if need_x or need_w:
                 p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 p[torch.arange(len(t), device=x.device), t] -= 1.0
-                p.mul_((m.to(p.dtype) / n_valid)[:, None])  # d(mean loss)/d(logits); ignored rows 0
+                p.masked_fill_(~m[:, None], 0.0).div_(n_valid)  # d(mean loss)/d(logits); ignored rows 0
                 if need_x:
                     torch.mm(p, wf, out=gx[s:s + rows])
                 if need_w:  # NOTE: out of place: torch's FLOP counter does not see addmm_
@@ -64,6 +65,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total / n_valid
 
     @staticmethod
+    @once_differentiable  # the gradient was computed in the forward: no second derivative
     def backward(ctx, grad: torch.Tensor):
         gx, gw = ctx.saved_tensors
         dx = (gx * grad).to(ctx.dtypes[0]) if gx is not None else None
@@ -74,10 +76,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 def fused_applies(x: torch.Tensor, targets) -> bool:
     """Where the Transformer takes the fused loss: targets given, on a CPU, under autograd (about
     2x the plain head + loss there, 1.26-1.34x the demo's whole training step, docs/PERFORMANCE.md),
-    without autocast (whose casts it would bypass). Elsewhere the plain path, which also returns
-    the logits."""
+    without autocast (whose casts it would bypass), and not inside torch.compile (which fuses the
+    plain path itself). Elsewhere the plain path, which also returns the logits."""
     return (targets is not None and x.device.type == "cpu" and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..config import Config, config_differences, config_hash, to_dict
+from ..config import Config, config_differences, config_hash, to_dict, with_added_keys
 from ..errors import CheckpointError
 from ..files import fsync_dir, fsync_file, sha256_file, write_atomic, write_text_synced
 
@@ -241,6 +241,7 @@ def config_mismatch(ckpt: Path, state: dict, cfg: Config) -> list[str]:
     except (OSError, yaml.YAMLError):
         saved = {}
     current = to_dict(cfg)
+    saved = with_added_keys(saved)  # a key added since it was saved: the value that trained as before
     diffs = config_differences(saved, current, ignore=RESUMABLE_CHANGES)
     return [f"{k} {_shown(saved, k)} -> {_shown(current, k)}" for k in diffs] or ["its config hash differs"]
 
