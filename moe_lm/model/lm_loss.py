@@ -10,8 +10,9 @@ least one target counts (with none: 0, where torch gives nan), without the (N, V
 written by the head matmul, log-softmax, its backward and the one-hot fill of the NLL backward -
 about 40% of the step on a CPU, docs/PERFORMANCE.md). Taken a chunk of rows at a time, each
 chunk's logits stay in the cache while they are exponentiated, summed and turned into the
-gradient, and the gradient is computed in the forward (the loss is the last op: its backward only
-scales by the incoming gradient). The method of Liger Kernel's fused linear cross-entropy
+gradient (one buffer, written in place: exp(logit - max) once, its sum the softmax's denominator),
+and the gradient is computed in the forward (the loss is the last op: its backward only scales by
+the incoming gradient). The method of Liger Kernel's fused linear cross-entropy
 (Hsu et al. 2024, arXiv:2410.10989), here in plain torch ops.
 
 Used by the Transformer where it measured faster: on a CPU, with targets, under autograd (see
@@ -46,20 +47,27 @@ class LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros(wf.shape, dtype=torch.float32, device=x.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         rows = max(1, CHUNK_BYTES // (4 * V))
+        buf = torch.empty(min(rows, N), V, dtype=torch.float32, device=x.device)  # one chunk's logits
+        all_valid = bool(valid.all())  # NOTE: a CPU path: reading a value back costs nothing here
         for s in range(0, N, rows):
             xc = x[s:s + rows].float()
-            logits = xc @ wf.t()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
             t, m = tgt[s:s + rows], valid[s:s + rows]
-            total += torch.where(m, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
+            logits = torch.mm(xc, wf.t(), out=buf[:len(t)])  # (c, V)
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            mx = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(mx).exp_()  # in place: exp(logit - max), the softmax's numerator
+            z = p.sum(dim=-1)
+            lse = mx.squeeze(1) + z.log()
+            total += torch.where(m, lse - target_logit, 0.0).sum()
             if need_x or need_w:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                p[torch.arange(len(t), device=x.device), t] -= 1.0
-                p.masked_fill_(~m[:, None], 0.0).div_(n_valid)  # d(mean loss)/d(logits); ignored rows 0
+                p.mul_((1.0 / (z * n_valid))[:, None])  # softmax / n_valid = d(mean loss)/d(logits) ...
+                p[torch.arange(len(t), device=x.device), t] -= 1.0 / n_valid  # ... minus the one-hot
+                if not all_valid:
+                    p[~m] = 0.0  # ignored rows: no gradient
                 if need_x:
                     torch.mm(p, wf, out=gx[s:s + rows])
-                if need_w:  # NOTE: out of place: torch's FLOP counter does not see addmm_
-                    gw = torch.addmm(gw, p.t(), xc)
+                if need_w:  # NOTE: addmm with out=, not addmm_: torch's FLOP counter sees this one
+                    torch.addmm(gw, p.t(), xc, out=gw)
         ctx.save_for_backward(gx, gw)
         ctx.dtypes = (x.dtype, w.dtype)
         return total / n_valid
@@ -75,7 +83,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def fused_applies(x: torch.Tensor, targets) -> bool:
     """Where the Transformer takes the fused loss: targets given, on a CPU, under autograd (about
-    2x the plain head + loss there, 1.26-1.34x the demo's whole training step, docs/PERFORMANCE.md),
+    2x the plain head + loss there, 1.38-1.44x the demo's whole training step, docs/PERFORMANCE.md),
     without autocast (whose casts it would bypass), and not inside torch.compile (which fuses the
     plain path itself). Elsewhere the plain path, which also returns the logits."""
     return (targets is not None and x.device.type == "cpu" and torch.is_grad_enabled()
