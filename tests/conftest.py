@@ -72,3 +72,24 @@ def dump_dom(tmp_path_factory):
         return proc.stdout
 
     return dump
+
+
+@pytest.fixture
+def cli_here(monkeypatch, capsys):
+    """Run `moe-lm ARGS...` in this process (the CLI's own entry point, no interpreter start):
+    cli_here(*args) -> (exit code, stdout, stderr)."""
+    import sys
+
+    from moe_lm import cli
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["moe-lm", *args])
+        try:
+            cli.run()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -298,28 +298,15 @@ def test_an_existing_export_is_kept_unless_overwrite_and_a_failed_write_leaves_i
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def moe_lm(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from moe_lm import cli
-
-    monkeypatch.setattr(sys, "argv", ["moe-lm", *args])
-    try:
-        cli.run()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_export_and_its_one_line_errors(exports, tmp_path, monkeypatch, capsys):
+def test_cli_export_and_its_one_line_errors(exports, tmp_path, cli_here):
     run = Path(json.loads((exports["mixtral"] / "moe_lm.json").read_text())["exported_from"])
-    code, out, err = moe_lm(monkeypatch, capsys, "export", str(run), "--format", "hf", "--out", str(tmp_path / "m"))
+    code, out, err = cli_here("export", str(run), "--format", "hf", "--out", str(tmp_path / "m"))
     assert code == 0 and "MixtralForCausalLM" in out
     assert (tmp_path / "m" / "model.safetensors").is_file()
     for args, fragment in ((["--out", str(tmp_path / "m")], "--overwrite"),
                            (["--format", "gguf", "--out", str(tmp_path / "g")], "--format gguf")):
-        code, out, err = moe_lm(monkeypatch, capsys, "export", str(run), *args)
+        code, out, err = cli_here("export", str(run), *args)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and fragment in lines[0], err
-    code, out, err = moe_lm(monkeypatch, capsys, "export", str(run), "--out", str(tmp_path / "m"), "--overwrite")
+    code, out, err = cli_here("export", str(run), "--out", str(tmp_path / "m"), "--overwrite")
     assert code == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,8 +171,7 @@ def test_streamed_text_is_the_decoded_text_and_never_cuts_a_character(tiny_data_
 # the command
 
 
-def test_cli_generate_streams_text_from_a_trained_run(tiny_data_dir, tmp_path, monkeypatch, capsys):
-    from moe_lm import cli
+def test_cli_generate_streams_text_from_a_trained_run(tiny_data_dir, tmp_path, cli_here):
     from moe_lm.training.trainer import train
 
     cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", [
@@ -182,15 +180,7 @@ def test_cli_generate_streams_text_from_a_trained_run(tiny_data_dir, tmp_path, m
         "train.eval_batches=1", "train.checkpoint_every=2", "train.device=cpu"])
     run = train(cfg, out_dir=tmp_path / "run", plots=False, console=Console(file=io.StringIO()))
 
-    def moe_lm(*args):
-        monkeypatch.setattr(sys, "argv", ["moe-lm", *args])
-        try:
-            cli.run()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        return (code, *capsys.readouterr())
-
+    moe_lm = cli_here
     code, out, err = moe_lm("generate", str(run.run_dir), "--prompt", "def ", "-n", "20", "--seed", "1")
     assert code == 0 and out.startswith("def ") and len(out) > len("def \n"), err
     assert "tokens/s" in err

@@ -307,19 +307,11 @@ def test_text_file_is_shown_instead_of_validation_passages(run, tmp_path):
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["passages"] == out["passages"]
 
 
-def test_bad_text_and_html_options_are_one_line_exit_2(run, tmp_path, monkeypatch, capsys):
+def test_bad_text_and_html_options_are_one_line_exit_2(run, tmp_path, cli_here):
     """In this process (the CLI's own entry point; other tests run it as a subprocess): 4 calls."""
-    from moe_lm import cli
 
     def moe_lm_here(*args: str) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["moe-lm", *args])
-        try:
-            cli.run()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        return subprocess.CompletedProcess(args, *cli_here(*args))
 
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
     assert_one_line_error(moe_lm_here("eval", str(run.run_dir), "--text", str(tmp_path / "nope.txt")), "does not exist")
