@@ -347,6 +347,35 @@ def test_fair_topk_ranks_unequal_scores_as_torch_topk_and_spreads_exact_ties_by_
     assert fair_topk(mixed, 2, torch.tensor([3]))[1].tolist() == [[3, 0]]
 
 
+@pytest.mark.parametrize("case", ["distinct", "tie_at_edge", "tie_inside", "signed_zeros", "nan", "k_equals_e"])
+def test_fair_topk_cpu_shortcut_picks_what_the_keys_pick(case):
+    """The CPU shortcut (torch.topk, kept only when a row has no tie and no NaN) must give the key
+    rule's values and indices in every case, including the ones it hands back to the keys."""
+    from moe_lm.model.routing import fair_topk, topk_by_keys
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(40, 8, generator=g).softmax(-1)
+    k = 3
+    if case == "tie_at_edge":  # row 7: the 3rd and 4th largest equal
+        top = s[7].topk(4).indices
+        s[7, top[3]] = s[7, top[2]]
+    elif case == "tie_inside":
+        top = s[3].topk(2).indices
+        s[3, top[1]] = s[3, top[0]]
+    elif case == "signed_zeros":  # -0.0 and +0.0 tie (the keys add 0.0 first)
+        s = torch.tensor([[0.0, -0.0, -1.0, -2.0], [-3.0, -0.0, 0.0, -1.0]])
+        k = 2
+    elif case == "nan":
+        s[5, 2] = float("nan")
+    elif case == "k_equals_e":
+        k = 8
+    pos = torch.arange(s.shape[0]) + 5
+    v, i = fair_topk(s, k, pos)
+    rv, ri = topk_by_keys(s, k, pos)
+    assert torch.equal(i, ri)
+    assert torch.equal(v, rv) if case != "nan" else torch.equal(v.nan_to_num(9.0), rv.nan_to_num(9.0))
+
+
 @pytest.mark.parametrize("router", TOKEN_CHOICE)
 def test_an_untrained_router_with_tied_scores_spreads_the_load(router):
     """Issue 14 case 17: noisy_topk starts at zero weights; at the step-0 evaluation (no noise)

@@ -204,6 +204,12 @@ def plan_blocks(sizes: list[int], row_bytes: int) -> list[tuple[int, int, list[t
     return blocks
 
 
+def _segments(segs: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
+    """A block's [(expert, start, end), ...] -> its experts and their row counts (for Tensor.split:
+    one call makes every expert's view, where slicing costs a few dispatches per expert)."""
+    return [ex for ex, _, _ in segs], [b - a for _, a, b in segs]
+
+
 # ---------------------------------------------------------------------------------------------
 # expert threads (CPU): whole blocks of experts per thread instead of every operation split
 
@@ -324,20 +330,23 @@ class ExpertsFFN(torch.autograd.Function):
         hid, d, width = w_down.shape[1], x.shape[1], w_in.shape[2]
         blocks = plan_blocks(sizes, x.element_size() * (width + 2 * hid + d))
 
+        w_in_e, w_down_e = w_in.unbind(0), w_down.unbind(0)  # per-expert views, made once
+
         def block(i):  # -> h, act, silu(gate), y, and y scaled by the gate weights
             s, e, segs = blocks[i]
+            ids, rows = _segments(segs)
             xb = x.index_select(0, token_s[s:e])
             h = x.new_empty(e - s, width)
-            for ex, a, b in segs:
-                torch.mm(xb[a - s:b - s], w_in[ex], out=h[a - s:b - s])
+            for ex, xe, he in zip(ids, xb.split(rows), h.split(rows)):
+                torch.mm(xe, w_in_e[ex], out=he)
             if activation == "swiglu":
                 sg = F.silu(h[:, :hid])
                 act = sg * h[:, hid:]
             else:
                 sg, act = None, _act(h, activation, hid)
             y = x.new_empty(e - s, d)
-            for ex, a, b in segs:
-                torch.mm(act[a - s:b - s], w_down[ex], out=y[a - s:b - s])
+            for ex, ae, ye in zip(ids, act.split(rows), y.split(rows)):
+                torch.mm(ae, w_down_e[ex], out=ye)
             return h, act, sg, y, y * weight_s[s:e, None].to(y.dtype)
 
         threaded = use_expert_threads(x, sizes, width)
@@ -368,33 +377,40 @@ class ExpertsFFN(torch.autograd.Function):
                 if grad is not None:
                     grad[e].zero_()
         blocks = ctx.blocks
+        # per-expert views, made once: the weights transposed, and the gradients' slices
+        w_in_t, w_down_t = w_in.transpose(1, 2).unbind(0), w_down.transpose(1, 2).unbind(0)
+        dwin_e = dwin.unbind(0) if dwin is not None else None
+        dwd_e = dwd.unbind(0) if dwd is not None else None
 
         def block(i):  # writes this block's slices of dw, dwd, dwin; -> its rows of dL/dx or None
             s, e, segs = blocks[i]
+            ids, rows = _segments(segs)
             h, act, sg, y = saved[4 * i:4 * i + 4]
-            rows = token_s[s:e]
-            gb = g.index_select(0, rows)  # (n, d)
+            tok = token_s[s:e]
+            gb = g.index_select(0, tok)  # (n, d)
             if need_w:
                 torch.linalg.vecdot(gb, y, out=dw[s:e])
             gb.mul_(weight_s[s:e, None].to(gb.dtype))  # now dL/dy
+            gbe = gb.split(rows)
             if need_wd:
-                for ex, a, b in segs:
-                    torch.mm(act[a - s:b - s].t(), gb[a - s:b - s], out=dwd[ex])
+                for ex, ae, ge in zip(ids, act.split(rows), gbe):
+                    torch.mm(ae.t(), ge, out=dwd_e[ex])
             if not (need_x or need_win):
                 return None
             da = x.new_empty(e - s, hid)
-            for ex, a, b in segs:
-                torch.mm(gb[a - s:b - s], w_down[ex].t(), out=da[a - s:b - s])
+            for ex, ge, dae in zip(ids, gbe, da.split(rows)):
+                torch.mm(ge, w_down_t[ex], out=dae)
             dh = _act_backward(h, da, act_name, hid, sg)
+            dhe = dh.split(rows)
             if need_win:
-                xb = x.index_select(0, rows)
-                for ex, a, b in segs:
-                    torch.mm(xb[a - s:b - s].t(), dh[a - s:b - s], out=dwin[ex])
+                xb = x.index_select(0, tok)
+                for ex, xe, de in zip(ids, xb.split(rows), dhe):
+                    torch.mm(xe.t(), de, out=dwin_e[ex])
             if not need_x:
                 return None
             dxb = x.new_empty(e - s, x.shape[1])
-            for ex, a, b in segs:
-                torch.mm(dh[a - s:b - s], w_in[ex].t(), out=dxb[a - s:b - s])
+            for ex, de, dxe in zip(ids, dhe, dxb.split(rows)):
+                torch.mm(de, w_in_t[ex], out=dxe)
             return dxb
 
         done = run_blocks(block, len(blocks), ctx.threaded)

@@ -76,7 +76,23 @@ def fair_topk(scores: torch.Tensor, k: int, pos: Optional[torch.Tensor] = None) 
 
     One int64 key per score: the float32's bits made monotone (so different scores keep their exact
     order), times E, plus a tie rank that prefers expert (pos mod E), then (pos + 1) mod E, ...
-    pos (T,) int64: each row's position in its sequence (None: the row index)."""
+    pos (T,) int64: each row's position in its sequence (None: the row index).
+
+    On a CPU the common case takes a shortcut: torch.topk of k + 1, and when no two neighbours of
+    any sorted row are equal (no tie inside the top k nor at its edge) and nothing is NaN, that
+    top k is exactly what the keys would pick, in the same order; otherwise the keys decide. Half
+    the time of the keys at the demo's shape (4,096 x 32). Not on a GPU, where the check would make
+    the host wait for the device."""
+    T, E = scores.shape
+    if scores.device.type == "cpu":
+        v, i = scores.topk(min(k + 1, E), dim=-1)
+        if not (bool((v[:, 1:] == v[:, :-1]).any()) or bool(v.isnan().any())):
+            return v[:, :k], i[:, :k]
+    return topk_by_keys(scores, k, pos)
+
+
+def topk_by_keys(scores: torch.Tensor, k: int, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fair_topk's rule in full, on every device: the top k of one unique int64 key per score."""
     T, E = scores.shape
     if pos is None:
         pos = torch.arange(T, device=scores.device)
