@@ -82,9 +82,9 @@ def fair_topk(scores: torch.Tensor, k: int, pos: Optional[torch.Tensor] = None) 
     any sorted row are equal (no tie inside the top k nor at its edge) and nothing is NaN, that
     top k is exactly what the keys would pick, in the same order; otherwise the keys decide. Half
     the time of the keys at the demo's shape (4,096 x 32). Not on a GPU, where the check would make
-    the host wait for the device."""
-    T, E = scores.shape
-    if scores.device.type == "cpu":
+    the host wait for the device, nor under torch.compile, where it would break the graph."""
+    E = scores.shape[1]
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
         v, i = scores.topk(min(k + 1, E), dim=-1)
         if not (bool((v[:, 1:] == v[:, :-1]).any()) or bool(v.isnan().any())):
             return v[:, :k], i[:, :k]
