@@ -347,33 +347,71 @@ def test_fair_topk_ranks_unequal_scores_as_torch_topk_and_spreads_exact_ties_by_
     assert fair_topk(mixed, 2, torch.tensor([3]))[1].tolist() == [[3, 0]]
 
 
-@pytest.mark.parametrize("case", ["distinct", "tie_at_edge", "tie_inside", "signed_zeros", "nan", "k_equals_e"])
-def test_fair_topk_cpu_shortcut_picks_what_the_keys_pick(case):
-    """The CPU shortcut (torch.topk, kept only when a row has no tie and no NaN) must give the key
-    rule's values and indices in every case, including the ones it hands back to the keys."""
+def _same_as_keys(s, k, pos):
     from moe_lm.model.routing import fair_topk, topk_by_keys
+
+    v, i = fair_topk(s, k, pos)
+    rv, ri = topk_by_keys(s, k, pos)
+    assert torch.equal(i, ri), (i, ri)
+    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731 - NaN's sign and -0.0 count
+    assert torch.equal(bits(v), bits(rv))
+
+
+def test_fair_topk_cpu_shortcut_is_taken_on_distinct_scores_and_equals_the_keys(monkeypatch):
+    """The CPU shortcut (torch.topk of k + 1) on scores without ties: the keys are never asked,
+    and values, indices, order and the values' gradient are the key rule's."""
+    from moe_lm.model import routing
 
     g = torch.Generator().manual_seed(1)
     s = torch.randn(40, 8, generator=g).softmax(-1)
-    k = 3
-    if case == "tie_at_edge":  # row 7: the 3rd and 4th largest equal
-        top = s[7].topk(4).indices
-        s[7, top[3]] = s[7, top[2]]
-    elif case == "tie_inside":
-        top = s[3].topk(2).indices
-        s[3, top[1]] = s[3, top[0]]
-    elif case == "signed_zeros":  # -0.0 and +0.0 tie (the keys add 0.0 first)
-        s = torch.tensor([[0.0, -0.0, -1.0, -2.0], [-3.0, -0.0, 0.0, -1.0]])
-        k = 2
-    elif case == "nan":
-        s[5, 2] = float("nan")
-    elif case == "k_equals_e":
-        k = 8
-    pos = torch.arange(s.shape[0]) + 5
-    v, i = fair_topk(s, k, pos)
-    rv, ri = topk_by_keys(s, k, pos)
-    assert torch.equal(i, ri)
-    assert torch.equal(v, rv) if case != "nan" else torch.equal(v.nan_to_num(9.0), rv.nan_to_num(9.0))
+    s[0, :3] = torch.tensor([float("inf"), float("-inf"), 1e30])  # infinities, distinct, are no tie
+    ref_v, ref_i = routing.topk_by_keys(s, 3)
+    for k in (3, 8):
+        monkeypatch.setattr(routing, "topk_by_keys", lambda *a: pytest.fail("the keys were asked"))
+        sg = s.clone().requires_grad_(True)
+        v, i = routing.fair_topk(sg, k)
+        monkeypatch.undo()
+        sr = s.clone().requires_grad_(True)
+        rv, ri = routing.topk_by_keys(sr, k)
+        assert torch.equal(i, ri) and torch.equal(v, rv)
+        w = torch.linspace(-1, 1, v.numel()).reshape(v.shape)
+        (v * w).sum().backward()
+        (rv * w).sum().backward()
+        assert torch.equal(sg.grad, sr.grad)
+    assert torch.equal(routing.fair_topk(s, 3)[1], ref_i)
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_fair_topk_cpu_shortcut_hands_every_tie_to_the_keys(who):
+    """Ties at the top-k edge, inside the top k, between -0.0 and +0.0, NaNs of either sign, and
+    scores equal only once rounded to float32 (what the keys compare): each row's answer is the
+    key rule's. `who` flips which of the tied experts the position prefers, so one of the two runs
+    differs from what torch.topk alone returns."""
+    E, k = 8, 3
+    row = torch.tensor([0.30, 0.05, 0.20, 0.12, 0.15, 0.02, 0.08, 0.10])  # distinct: top 3 = 0, 2, 4
+    edge = row.clone()
+    edge[6] = edge[4]  # experts 4 and 6 tie for 3rd/4th place: the edge of the top 3
+    inside = row.clone()
+    inside[1] = inside[0]  # experts 0 and 1 tie for 1st place
+    pos_edge = torch.tensor([4 if who == 0 else 6])  # the keys prefer expert pos mod E
+    pos_inside = torch.tensor([0 if who == 0 else 1])
+    _same_as_keys(edge[None], k, pos_edge)
+    _same_as_keys(inside[None], k, pos_inside)
+    _same_as_keys(torch.tensor([[0.0, -0.0, -1.0, -2.0]]), 2, torch.tensor([who]))
+    neg_nan = torch.tensor(float("nan")).neg()
+    nans = row.clone()
+    nans[2], nans[5] = float("nan"), neg_nan  # topk ranks every NaN first; the keys rank -NaN last
+    _same_as_keys(nans[None], k, torch.tensor([who]))
+    close = row.double()
+    close[4] = close[0] + 1e-12  # equal in float32, not in float64
+    _same_as_keys(close[None], k, torch.tensor([4 if who == 0 else 0]))
+    g = torch.Generator().manual_seed(who)
+    low = torch.randn(64, E, generator=g).softmax(-1).to(torch.bfloat16)  # bf16: many ties
+    _same_as_keys(low, k, torch.arange(64))
+    with pytest.raises(RuntimeError):  # k > E stays an error, as in torch.topk
+        from moe_lm.model.routing import fair_topk
+
+        fair_topk(row[None], E + 1)
 
 
 @pytest.mark.parametrize("router", TOKEN_CHOICE)
