@@ -184,30 +184,28 @@ def _act_backward(h: torch.Tensor, da: torch.Tensor, activation: str, hid: int,
 BLOCK_BYTES = 4 << 20
 
 
-def plan_blocks(sizes: list[int], row_bytes: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """Group consecutive experts into blocks of rows: [(start, end, [(expert, start, end), ...])]
-    over the expert-sorted assignments; empty experts are left out."""
+def plan_blocks(sizes: list[int], row_bytes: int) -> list[tuple[int, int, list[int], list[int]]]:
+    """Group consecutive experts into blocks of rows over the expert-sorted assignments:
+    [(start, end, experts, rows), ...], `rows` each expert's row count in the block (what
+    Tensor.split takes: one call makes every expert's view, where slicing costs a few dispatches
+    per expert); empty experts are left out."""
     max_rows = max(1, BLOCK_BYTES // max(1, row_bytes))
     blocks: list = []
-    segs: list = []
+    experts: list = []
+    rows: list = []
     block_start = start = 0
     for e, n in enumerate(sizes):
         if n == 0:
             continue
-        if segs and start + n - block_start > max_rows:
-            blocks.append((block_start, start, segs))
-            segs, block_start = [], start
-        segs.append((e, start, start + n))
+        if experts and start + n - block_start > max_rows:
+            blocks.append((block_start, start, experts, rows))
+            experts, rows, block_start = [], [], start
+        experts.append(e)
+        rows.append(n)
         start += n
-    if segs:
-        blocks.append((block_start, start, segs))
+    if experts:
+        blocks.append((block_start, start, experts, rows))
     return blocks
-
-
-def _segments(segs: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
-    """A block's [(expert, start, end), ...] -> its experts and their row counts (for Tensor.split:
-    one call makes every expert's view, where slicing costs a few dispatches per expert)."""
-    return [ex for ex, _, _ in segs], [b - a for _, a, b in segs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +331,7 @@ class ExpertsFFN(torch.autograd.Function):
         w_in_e, w_down_e = w_in.unbind(0), w_down.unbind(0)  # per-expert views, made once
 
         def block(i):  # -> h, act, silu(gate), y, and y scaled by the gate weights
-            s, e, segs = blocks[i]
-            ids, rows = _segments(segs)
+            s, e, ids, rows = blocks[i]
             xb = x.index_select(0, token_s[s:e])
             h = x.new_empty(e - s, width)
             for ex, xe, he in zip(ids, xb.split(rows), h.split(rows)):
@@ -353,7 +350,7 @@ class ExpertsFFN(torch.autograd.Function):
         done = run_blocks(block, len(blocks), threaded)
         out = torch.zeros_like(x)
         saved = []
-        for (s, e, _), (h, act, sg, y, scaled) in zip(blocks, done):  # in block order: deterministic sums
+        for (s, e, _, _), (h, act, sg, y, scaled) in zip(blocks, done):  # in block order: deterministic sums
             out.index_add_(0, token_s[s:e], scaled)
             saved += [h, act, sg, y]
         ctx.blocks, ctx.activation, ctx.threaded = blocks, activation, threaded
@@ -383,8 +380,7 @@ class ExpertsFFN(torch.autograd.Function):
         dwd_e = dwd.unbind(0) if dwd is not None else None
 
         def block(i):  # writes this block's slices of dw, dwd, dwin; -> its rows of dL/dx or None
-            s, e, segs = blocks[i]
-            ids, rows = _segments(segs)
+            s, e, ids, rows = blocks[i]
             h, act, sg, y = saved[4 * i:4 * i + 4]
             tok = token_s[s:e]
             gb = g.index_select(0, tok)  # (n, d)
@@ -417,7 +413,7 @@ class ExpertsFFN(torch.autograd.Function):
         dx = None
         if need_x:
             dx = torch.zeros_like(x)
-            for (s, e, _), dxb in zip(blocks, done):  # in block order: deterministic sums
+            for (s, e, _, _), dxb in zip(blocks, done):  # in block order: deterministic sums
                 dx.index_add_(0, token_s[s:e], dxb)
         if dw is not None:
             dw = dw.to(weight_s.dtype)
