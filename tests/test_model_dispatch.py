@@ -292,6 +292,54 @@ def test_the_layer_records_the_path_its_rule_took():
     assert layer.experts.last_path == "fused"
 
 
+# --- the fused path's blocks: consecutive experts, their matmuls grouped or looped ---
+
+
+def test_plan_blocks_cuts_consecutive_experts_at_the_row_budget(monkeypatch):
+    monkeypatch.setattr(dispatch, "BLOCK_BYTES", 80)  # 8 rows of 10 bytes a block
+    sizes = [0, 3, 0, 0, 5, 2, 0, 7, 0]
+    # by hand: experts 1-4 fill 3 + 5 = 8 rows (2 and 3 empty inside); expert 5 would make 10, so
+    # a new block; expert 7 would make 2 + 7 = 9, so another; the empty 0, 6 and 8 end no block
+    assert dispatch.plan_blocks(sizes, 10) == [(0, 8, 1, [3, 0, 0, 5]), (8, 10, 5, [2]), (10, 17, 7, [7])]
+    assert dispatch.plan_blocks([20], 10) == [(0, 20, 0, [20])]  # bigger than the budget: alone
+    assert dispatch.plan_blocks([0, 0, 0], 10) == []
+
+
+@pytest.mark.skipif(dispatch._grouped_mm is None, reason="this torch has no grouped_mm")
+def test_grouped_blocks_only_where_grouped_mm_takes_the_tensors():
+    w_in, w_down = torch.zeros(4, 16, 64), torch.zeros(4, 32, 16)
+    assert dispatch.use_grouped_blocks(torch.zeros(8, 16), w_in, w_down)
+    assert dispatch.use_grouped_blocks(torch.zeros(8, 16).bfloat16(), w_in.bfloat16(), w_down.bfloat16())
+    assert not dispatch.use_grouped_blocks(torch.zeros(8, 16).double(), w_in.double(), w_down.double())
+    # rows of 6 floats (24 bytes): grouped_mm wants strides that are multiples of 16 bytes
+    assert not dispatch.use_grouped_blocks(torch.zeros(8, 16), torch.zeros(4, 16, 12), torch.zeros(4, 6, 16))
+    assert not dispatch.use_grouped_blocks(torch.zeros(8, 16, device="meta"), w_in.to("meta"), w_down.to("meta"))
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "mm_loop"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("h", [8, 6])  # rows of 32 bytes (grouped_mm takes them) and of 24 (it does not)
+def test_fused_blocks_grouped_or_looped_equal_the_reference(monkeypatch, grouped, activation, h):
+    """Empty experts inside a block (2, 3) and before / after every block (0, 6, 7): the grouped
+    matmul and the loop both give the reference's outputs and gradients, and exactly zero
+    gradients to the empty experts."""
+    monkeypatch.setattr(dispatch, "GROUPED_BLOCKS", grouped)
+    layer = make_layer(activation, E=8, k=2, h=h)
+    allowed = [1, 4, 5]
+    layer.router = MaskedRouter(layer.router, allowed)
+    layer.dispatch_path = "fused"
+    x = torch.randn(20, 16)
+    ex = layer.experts
+    expect = grouped and dispatch._grouped_mm is not None and h == 8
+    assert dispatch.use_grouped_blocks(x, ex.w_in, ex.w_down) == expect
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    ref = grads_of(lambda x: reference_layer(layer, x, allowed=allowed), layer, x)
+    for name, a, b in zip(GRADS, ours, ref):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+    empty = [0, 2, 3, 6, 7]
+    assert ex.w_in.grad[empty].abs().sum() == 0 and ex.w_down.grad[empty].abs().sum() == 0
+
+
 # --- the fused path's expert threads (CPU): blocks of experts shared out over worker threads ---
 
 

@@ -11,10 +11,12 @@ them. Never a loop over tokens, no one-hot (T, E, C) tensors.
 Three paths, the same function (tests/test_model_dispatch.py checks each against a per-token
 reference, outputs and gradients):
 
-- "fused": a custom autograd Function looping over experts. Each expert gathers its rows by index,
-  runs gate_up -> activation -> down, and index_adds its scaled output; the backward does the
-  same walk with only the gathers/scatters it needs. Experts are grouped into blocks of rows
-  (plan_blocks); on a CPU with several torch threads and experts big enough
+- "fused": a custom autograd Function walking over blocks of consecutive experts (plan_blocks).
+  A block gathers its rows by index, runs gate_up -> activation -> down, and index_adds its
+  scaled output; the backward does the same walk with only the gathers/scatters it needs. A
+  block's matmuls are one torch grouped_mm call each on a CPU where torch has it and takes the
+  shapes (use_grouped_blocks), else one torch.mm per expert. On a CPU with several torch threads
+  and experts big enough
   (use_expert_threads) the blocks are shared out over worker
   threads that each run torch single-threaded (ExpertThreads), and their outputs are summed on
   the caller in block order, so the result is bitwise that of one thread. Why: ~7 small
@@ -45,7 +47,7 @@ import itertools
 import os
 import queue
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -184,28 +186,90 @@ def _act_backward(h: torch.Tensor, da: torch.Tensor, activation: str, hid: int,
 BLOCK_BYTES = 4 << 20
 
 
-def plan_blocks(sizes: list[int], row_bytes: int) -> list[tuple[int, int, list[int], list[int]]]:
-    """Group consecutive experts into blocks of rows over the expert-sorted assignments:
-    [(start, end, experts, rows), ...], `rows` each expert's row count in the block (what
-    Tensor.split takes: one call makes every expert's view, where slicing costs a few dispatches
-    per expert); empty experts are left out."""
+class Block(NamedTuple):
+    """Consecutive experts first, first + 1, ... run together: their rows [start, end) of the
+    expert-sorted assignments, `rows` each one's row count (0 for an empty expert inside the range;
+    what Tensor.split takes: one call makes every expert's view)."""
+
+    start: int
+    end: int
+    first: int
+    rows: list[int]
+
+
+def plan_blocks(sizes: list[int], row_bytes: int) -> list[Block]:
+    """Group consecutive experts into blocks of at most BLOCK_BYTES // row_bytes rows (a bigger
+    expert alone). A block starts and ends at an expert with rows; experts without rows before the
+    first block or after the last one are in none."""
     max_rows = max(1, BLOCK_BYTES // max(1, row_bytes))
-    blocks: list = []
-    experts: list = []
-    rows: list = []
-    block_start = start = 0
+    blocks: list[Block] = []
+    rows: list[int] = []
+    first = block_start = start = 0
     for e, n in enumerate(sizes):
         if n == 0:
+            if rows:
+                rows.append(0)
             continue
-        if experts and start + n - block_start > max_rows:
-            blocks.append((block_start, start, experts, rows))
-            experts, rows, block_start = [], [], start
-        experts.append(e)
+        if rows and start + n - block_start > max_rows:
+            blocks.append(Block(block_start, start, first, _trim(rows)))
+            rows = []
+        if not rows:
+            first, block_start = e, start
         rows.append(n)
         start += n
-    if experts:
-        blocks.append((block_start, start, experts, rows))
+    if rows:
+        blocks.append(Block(block_start, start, first, _trim(rows)))
     return blocks
+
+
+def _trim(rows: list[int]) -> list[int]:
+    """rows without its trailing zeros (a block ends at an expert with rows)."""
+    while rows and rows[-1] == 0:
+        rows.pop()
+    return rows
+
+
+# NOTE: on a CPU the fused path multiplies a block's rows by their experts' matrices with ONE
+# call of torch's grouped matmul (a loop over the experts inside torch, no Python between them),
+# where torch has it and takes the tensors; else with one torch.mm per expert. Measured at the
+# demo's size (d_model 64, 32 experts of width 64, 2 threads): see docs/PERFORMANCE.md.
+GROUPED_BLOCKS = True
+
+
+def use_grouped_blocks(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """Whether the fused path runs each block's matmuls as grouped matmuls: a CPU tensor, a torch
+    with grouped_mm, float32 / bfloat16 / float16, and every matrix row a multiple of 16 bytes (what
+    grouped_mm requires); not under torch.compile (its grouped_mm takes bfloat16 only)."""
+    if not GROUPED_BLOCKS or _grouped_mm is None or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (x.dtype == w_in.dtype == w_down.dtype):
+        return False
+    return all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w_in.shape[2], w_down.shape[1]))
+
+
+def _times_experts(a: torch.Tensor, w: torch.Tensor, b: Block, offs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Block b's rows a (n, k), each row times its expert's w[e] (k, m) -> (n, m). w (E, k, m) may
+    be a transposed view. offs: the block's row ends as int32 (grouped matmul) or None (a loop)."""
+    w = w[b.first:b.first + len(b.rows)]
+    if offs is not None:
+        return _grouped_mm(a, w, offs=offs)
+    out = a.new_empty(a.shape[0], w.shape[2])
+    for ae, we, oe in zip(a.split(b.rows), w.unbind(0), out.split(b.rows)):
+        if ae.shape[0]:
+            torch.mm(ae, we, out=oe)
+    return out
+
+
+def _expert_grads(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, b: Block,
+                  offs: Optional[torch.Tensor]) -> None:
+    """grad[e] = a_e^T @ g_e for each expert e of block b (a (n, k), g (n, m): the block's rows);
+    an empty expert inside the block gets zeros."""
+    grad = grad[b.first:b.first + len(b.rows)]
+    if offs is not None:
+        grad.copy_(_grouped_mm(a.t(), g, offs=offs))
+        return
+    for ae, ge, ow in zip(a.split(b.rows), g.split(b.rows), grad.unbind(0)):
+        torch.mm(ae.t(), ge, out=ow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,33 +391,29 @@ class ExpertsFFN(torch.autograd.Function):
     def forward(ctx, x, weight_s, w_in, w_down, token_s, sizes, activation):
         hid, d, width = w_down.shape[1], x.shape[1], w_in.shape[2]
         blocks = plan_blocks(sizes, x.element_size() * (width + 2 * hid + d))
-
-        w_in_e, w_down_e = w_in.unbind(0), w_down.unbind(0)  # per-expert views, made once
+        grouped = use_grouped_blocks(x, w_in, w_down)
+        offs = [torch.tensor(list(itertools.accumulate(b.rows)), dtype=torch.int32) if grouped else None
+                for b in blocks]
 
         def block(i):  # -> h, act, silu(gate), y, and y scaled by the gate weights
-            s, e, ids, rows = blocks[i]
-            xb = x.index_select(0, token_s[s:e])
-            h = x.new_empty(e - s, width)
-            for ex, xe, he in zip(ids, xb.split(rows), h.split(rows)):
-                torch.mm(xe, w_in_e[ex], out=he)
+            b = blocks[i]
+            h = _times_experts(x.index_select(0, token_s[b.start:b.end]), w_in, b, offs[i])
             if activation == "swiglu":
                 sg = F.silu(h[:, :hid])
                 act = sg * h[:, hid:]
             else:
                 sg, act = None, _act(h, activation, hid)
-            y = x.new_empty(e - s, d)
-            for ex, ae, ye in zip(ids, act.split(rows), y.split(rows)):
-                torch.mm(ae, w_down_e[ex], out=ye)
-            return h, act, sg, y, y * weight_s[s:e, None].to(y.dtype)
+            y = _times_experts(act, w_down, b, offs[i])
+            return h, act, sg, y, y * weight_s[b.start:b.end, None].to(y.dtype)
 
         threaded = use_expert_threads(x, sizes, width)
         done = run_blocks(block, len(blocks), threaded)
         out = torch.zeros_like(x)
         saved = []
-        for (s, e, _, _), (h, act, sg, y, scaled) in zip(blocks, done):  # in block order: deterministic sums
-            out.index_add_(0, token_s[s:e], scaled)
+        for b, (h, act, sg, y, scaled) in zip(blocks, done):  # in block order: deterministic sums
+            out.index_add_(0, token_s[b.start:b.end], scaled)
             saved += [h, act, sg, y]
-        ctx.blocks, ctx.activation, ctx.threaded = blocks, activation, threaded
+        ctx.blocks, ctx.offs, ctx.activation, ctx.threaded = blocks, offs, activation, threaded
         ctx.empty_experts = [e for e, n in enumerate(sizes) if n == 0]
         ctx.save_for_backward(x, weight_s, w_in, w_down, token_s, *saved)
         return out
@@ -373,48 +433,32 @@ class ExpertsFFN(torch.autograd.Function):
             for grad in (dwin, dwd):
                 if grad is not None:
                     grad[e].zero_()
-        blocks = ctx.blocks
-        # per-expert views, made once: the weights transposed, and the gradients' slices
-        w_in_t, w_down_t = w_in.transpose(1, 2).unbind(0), w_down.transpose(1, 2).unbind(0)
-        dwin_e = dwin.unbind(0) if dwin is not None else None
-        dwd_e = dwd.unbind(0) if dwd is not None else None
+        blocks, offs = ctx.blocks, ctx.offs
+        w_in_t, w_down_t = w_in.transpose(1, 2), w_down.transpose(1, 2)
 
         def block(i):  # writes this block's slices of dw, dwd, dwin; -> its rows of dL/dx or None
-            s, e, ids, rows = blocks[i]
+            b = blocks[i]
             h, act, sg, y = saved[4 * i:4 * i + 4]
-            tok = token_s[s:e]
+            tok = token_s[b.start:b.end]
             gb = g.index_select(0, tok)  # (n, d)
             if need_w:
-                torch.linalg.vecdot(gb, y, out=dw[s:e])
-            gb.mul_(weight_s[s:e, None].to(gb.dtype))  # now dL/dy
-            gbe = gb.split(rows)
+                torch.linalg.vecdot(gb, y, out=dw[b.start:b.end])
+            gb.mul_(weight_s[b.start:b.end, None].to(gb.dtype))  # now dL/dy
             if need_wd:
-                for ex, ae, ge in zip(ids, act.split(rows), gbe):
-                    torch.mm(ae.t(), ge, out=dwd_e[ex])
+                _expert_grads(act, gb, dwd, b, offs[i])
             if not (need_x or need_win):
                 return None
-            da = x.new_empty(e - s, hid)
-            for ex, ge, dae in zip(ids, gbe, da.split(rows)):
-                torch.mm(ge, w_down_t[ex], out=dae)
-            dh = _act_backward(h, da, act_name, hid, sg)
-            dhe = dh.split(rows)
+            dh = _act_backward(h, _times_experts(gb, w_down_t, b, offs[i]), act_name, hid, sg)
             if need_win:
-                xb = x.index_select(0, tok)
-                for ex, xe, de in zip(ids, xb.split(rows), dhe):
-                    torch.mm(xe.t(), de, out=dwin_e[ex])
-            if not need_x:
-                return None
-            dxb = x.new_empty(e - s, x.shape[1])
-            for ex, de, dxe in zip(ids, dhe, dxb.split(rows)):
-                torch.mm(de, w_in_t[ex], out=dxe)
-            return dxb
+                _expert_grads(x.index_select(0, tok), dh, dwin, b, offs[i])
+            return _times_experts(dh, w_in_t, b, offs[i]) if need_x else None
 
         done = run_blocks(block, len(blocks), ctx.threaded)
         dx = None
         if need_x:
             dx = torch.zeros_like(x)
-            for (s, e, _, _), dxb in zip(blocks, done):  # in block order: deterministic sums
-                dx.index_add_(0, token_s[s:e], dxb)
+            for b, dxb in zip(blocks, done):  # in block order: deterministic sums
+                dx.index_add_(0, token_s[b.start:b.end], dxb)
         if dw is not None:
             dw = dw.to(weight_s.dtype)
         return dx, dw, dwin, dwd, None, None, None
