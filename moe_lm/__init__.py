@@ -4,10 +4,17 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# NOTE: torch's CPU threads are OpenMP threads; by default a thread that reaches the end of a
-# parallel region spins, waiting for the others. Beside other busy programs that spinning burns the
-# time the descheduled thread needs (OMP_WAIT_POLICY=PASSIVE trained the demo-sized dense model 8x
-# faster at load ~13), but on a quiet machine PASSIVE costs a wake-up at every operation: measured
-# on 2 quiet cores, `bench train` on configs/tiny-moe.yaml gave MoE 12.1K / dense 21.0K tokens/s
-# with PASSIVE against 22.8K / 24.8K spinning (docs/PERFORMANCE.md). So the toolkit leaves torch's
-# default; set OMP_WAIT_POLICY=PASSIVE yourself on a machine other work keeps busy.
+# NOTE: torch's CPU threads are GNU OpenMP (libgomp) threads on Linux. A thread that reaches the
+# end of a parallel region spins before it sleeps: 300,000 checks by default (libgomp's estimate:
+# ~3 ms). Beside other busy programs the spinning threads use up their share of the CPU, the
+# scheduler then runs them late, and every fork-join waits for them: with two busy loops on 2
+# cores, the 64-expert layer's 128 index_adds a step took ~80 ms each instead of ~0.1 (5 s where
+# the dense FFN took 2.5), in phases of minutes. A short spin (GOMP_SPINCOUNT, 10,000 checks,
+# ~0.1 ms) still covers the gap between two operations of a training step, so a quiet machine
+# keeps its speed; sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a wake-up at every operation
+# (the demo's MoE at half speed). Measured in docs/PERFORMANCE.md. libgomp reads the variable
+# when torch loads it, so it is set before torch is imported, and never over a choice of the
+# user's (GOMP_SPINCOUNT or OMP_WAIT_POLICY already set).
+SPIN_COUNT = "10000"
+if "GOMP_SPINCOUNT" not in _os.environ and "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT

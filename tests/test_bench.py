@@ -118,3 +118,17 @@ def test_gpu_check_plan_fits_its_time_budget_and_drops_torchrun_on_one_gpu(tmp_p
     assert sum(s.budget_s for s in gpu_check.plan(tmp_path, None)) <= 480
     one = [s.name for s in gpu_check.plan(tmp_path, 1)]
     assert not any("torchrun" in n for n in one) and len(one) == len(gpu_check.plan(tmp_path, 2)) - 1
+
+
+@pytest.mark.parametrize("env, expect", [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                         ({"OMP_WAIT_POLICY": "PASSIVE"}, "None")],
+                         ids=["default", "user-spincount", "user-wait-policy"])
+def test_importing_moe_lm_bounds_openmp_spinning_before_torch_loads(env, expect):
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: moe_lm sets a short spin before any
+    torch import (docs/PERFORMANCE.md: the busy-core stalls), and never over the user's own
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY (a passive policy would be overridden by a spin count)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, sys; import moe_lm; print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["False", expect]
