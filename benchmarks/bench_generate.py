@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    import moe_lm  # noqa: F401, I001 - first: it sets torch's OpenMP wait policy before torch loads
+    import moe_lm  # noqa: F401, I001 - first: it sets torch's OpenMP spin count before torch loads
     import torch
 
     from moe_lm.generate import GenerationStats, generate_ids

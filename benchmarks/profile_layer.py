@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)
 
+    import moe_lm  # noqa: F401, I001 - first: it sets torch's OpenMP spin count before torch loads
     import torch
     from torch.profiler import ProfilerActivity, profile
 

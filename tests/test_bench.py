@@ -120,15 +120,18 @@ def test_gpu_check_plan_fits_its_time_budget_and_drops_torchrun_on_one_gpu(tmp_p
     assert not any("torchrun" in n for n in one) and len(one) == len(gpu_check.plan(tmp_path, 2)) - 1
 
 
-@pytest.mark.parametrize("env, expect", [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
-                                         ({"OMP_WAIT_POLICY": "PASSIVE"}, "None")],
-                         ids=["default", "user-spincount", "user-wait-policy"])
-def test_importing_moe_lm_bounds_openmp_spinning_before_torch_loads(env, expect):
+@pytest.mark.parametrize("env, first, expect", [({}, "", "10000"), ({"GOMP_SPINCOUNT": "5"}, "", "5"),
+                                                ({"OMP_WAIT_POLICY": "PASSIVE"}, "", "None"),
+                                                ({}, "import torch; ", "None")],
+                         ids=["default", "user-spincount", "user-wait-policy", "torch-already-loaded"])
+def test_importing_moe_lm_bounds_openmp_spinning_before_torch_loads(env, first, expect):
     """libgomp reads GOMP_SPINCOUNT once, when torch loads it: moe_lm sets a short spin before any
-    torch import (docs/PERFORMANCE.md: the busy-core stalls), and never over the user's own
-    GOMP_SPINCOUNT or OMP_WAIT_POLICY (a passive policy would be overridden by a spin count)."""
+    torch import (docs/PERFORMANCE.md: the busy-core stalls), never over the user's own
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY (a passive policy would be overridden by a spin count), and
+    not once torch is loaded (it would change nothing and the run records would say it did)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    code = "import os, sys; import moe_lm; print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))"
+    code = first + "import os, sys; loaded = 'torch' in sys.modules; import moe_lm; " \
+                   "print(loaded, os.environ.get('GOMP_SPINCOUNT'))"
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == ["False", expect]
+    assert out == [str(bool(first)), expect]

@@ -340,6 +340,47 @@ def test_fused_blocks_grouped_or_looped_equal_the_reference(monkeypatch, grouped
     assert ex.w_in.grad[empty].abs().sum() == 0 and ex.w_down.grad[empty].abs().sum() == 0
 
 
+@pytest.mark.skipif(dispatch._grouped_mm is None, reason="this torch has no grouped_mm")
+def test_grouped_blocks_give_the_bits_of_the_mm_loop_over_several_blocks(monkeypatch):
+    """Blocks of several experts each, empty experts inside and between them: the grouped matmuls
+    (one call per block and matmul) give exactly the bits of one torch.mm per expert."""
+    monkeypatch.setattr(dispatch, "BLOCK_BYTES", 40 * 4 * (64 + 2 * 32 + 16))  # ~40 rows a block
+    layer = make_layer("swiglu", E=16, k=2, h=32)
+    layer.router = MaskedRouter(layer.router, [0, 1, 3, 4, 5, 8, 9, 10, 13, 14])
+    layer.dispatch_path = "fused"
+    x = torch.randn(96, 16)
+    calls = []
+    real = dispatch._grouped_mm
+    monkeypatch.setattr(dispatch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grouped = grads_of(lambda x: layer(x)[0], layer, x)
+    n_grouped = len(calls)
+    monkeypatch.setattr(dispatch, "GROUPED_BLOCKS", False)
+    looped = grads_of(lambda x: layer(x)[0], layer, x)
+    assert n_grouped >= 2 * 5 and len(calls) == n_grouped  # several blocks went grouped; the loop none
+    for name, a, b in zip(GRADS, grouped, looped):
+        assert torch.equal(a, b), name
+
+
+def test_a_torch_whose_grouped_mm_has_no_cpu_kernel_keeps_the_mm_loop(monkeypatch):
+    """torch 2.8 has grouped_mm but no CPU kernel: the probe says no, and the layer still runs."""
+    def no_cpu_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(dispatch, "_grouped_mm", no_cpu_kernel)
+    dispatch._cpu_grouped_mm_runs.cache_clear()
+    try:
+        layer = make_layer("swiglu", E=8, k=2)
+        layer.dispatch_path = "fused"
+        x = torch.randn(20, 16)
+        assert not dispatch.use_grouped_blocks(x, layer.experts.w_in, layer.experts.w_down)
+        ours = grads_of(lambda x: layer(x)[0], layer, x)
+        ref = grads_of(lambda x: reference_layer(layer, x), layer, x)
+        for name, a, b in zip(GRADS, ours, ref):
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+    finally:
+        dispatch._cpu_grouped_mm_runs.cache_clear()
+
+
 # --- the fused path's expert threads (CPU): blocks of experts shared out over worker threads ---
 
 

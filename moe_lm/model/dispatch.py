@@ -43,6 +43,7 @@ reference, outputs and gradients):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import queue
@@ -236,20 +237,37 @@ def _trim(rows: list[int]) -> list[int]:
 GROUPED_BLOCKS = True
 
 
+@functools.cache
+def _cpu_grouped_mm_runs() -> bool:
+    """Whether this torch's grouped_mm runs on a CPU: torch 2.8 has the function but no CPU kernel
+    (NotImplementedError), 2.9 on have one. Tried once, on a (4 x 4) problem."""
+    if _grouped_mm is None:
+        return False
+    try:
+        _grouped_mm(torch.ones(4, 4), torch.ones(1, 4, 4), offs=torch.tensor([4], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def use_grouped_blocks(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor) -> bool:
     """Whether the fused path runs each block's matmuls as grouped matmuls: a CPU tensor, a torch
-    with grouped_mm, float32 / bfloat16 / float16, and every matrix row a multiple of 16 bytes (what
-    grouped_mm requires); not under torch.compile (its grouped_mm takes bfloat16 only)."""
-    if not GROUPED_BLOCKS or _grouped_mm is None or x.device.type != "cpu" or torch.compiler.is_compiling():
+    whose grouped_mm runs on a CPU, float32 / bfloat16 / float16, every matrix row a multiple of 16
+    bytes and the weights 16-byte aligned (what grouped_mm requires; the rows it multiplies are
+    fresh tensors); not under torch.compile (its grouped_mm takes bfloat16 only)."""
+    if not GROUPED_BLOCKS or x.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (x.dtype == w_in.dtype == w_down.dtype):
         return False
-    return all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w_in.shape[2], w_down.shape[1]))
+    if any(n * x.element_size() % 16 for n in (x.shape[1], w_in.shape[2], w_down.shape[1])):
+        return False
+    return w_in.data_ptr() % 16 == 0 and w_down.data_ptr() % 16 == 0 and _cpu_grouped_mm_runs()
 
 
 def _times_experts(a: torch.Tensor, w: torch.Tensor, b: Block, offs: Optional[torch.Tensor]) -> torch.Tensor:
     """Block b's rows a (n, k), each row times its expert's w[e] (k, m) -> (n, m). w (E, k, m) may
-    be a transposed view. offs: the block's row ends as int32 (grouped matmul) or None (a loop)."""
+    be a transposed view. offs: the block's row ends as int32 (grouped matmul), or None (one mm per
+    expert: also every block of a single expert, where grouping saves nothing)."""
     w = w[b.first:b.first + len(b.rows)]
     if offs is not None:
         return _grouped_mm(a, w, offs=offs)
@@ -392,8 +410,8 @@ class ExpertsFFN(torch.autograd.Function):
         hid, d, width = w_down.shape[1], x.shape[1], w_in.shape[2]
         blocks = plan_blocks(sizes, x.element_size() * (width + 2 * hid + d))
         grouped = use_grouped_blocks(x, w_in, w_down)
-        offs = [torch.tensor(list(itertools.accumulate(b.rows)), dtype=torch.int32) if grouped else None
-                for b in blocks]
+        offs = [torch.tensor(list(itertools.accumulate(b.rows)), dtype=torch.int32)
+                if grouped and len(b.rows) > 1 else None for b in blocks]
 
         def block(i):  # -> h, act, silu(gate), y, and y scaled by the gate weights
             b = blocks[i]
