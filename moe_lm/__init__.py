@@ -1,6 +1,7 @@
 """moe-lm: small Mixture-of-Experts language models (Shazeer et al. 2017) on a laptop or one GPU."""
 
 import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 # (GOMP_SPINCOUNT or OMP_WAIT_POLICY already set). A demo-sized MoE beside busy programs is
 # another matter: there the short spin was faster in 2 runs of 4 and slower in 2.
 SPIN_COUNT = "10000"
-if not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ) or "torch" in __import__("sys").modules):
+if not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ) or "torch" in _sys.modules):
     _os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
