@@ -135,3 +135,32 @@ def test_importing_moe_lm_bounds_openmp_spinning_before_torch_loads(env, first, 
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == [str(bool(first)), expect]
+
+
+def test_thread_replicas_give_the_single_process_gradient():
+    """benchmarks/bench_thread_replicas.py (a lever measured, not built) must time a real step:
+    with no balance loss (the one term that is not a mean over tokens) the replicas' summed
+    gradients equal plain autograd on the whole batch."""
+    import torch
+
+    from moe_lm.config import ModelConfig, MoEConfig
+    from moe_lm.model.transformer import Transformer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_thread_replicas
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn_hidden=16,
+                      moe=MoEConfig(n_experts=4, top_k=2, balance_loss="none", z_loss_coef=1e-2))
+    model = Transformer(cfg)
+    x = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(1))
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    out = model(inp, tgt)
+    (out.loss + out.aux_loss + out.z_loss).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    bench_thread_replicas.ThreadReplicas(model, 2).backward(inp, tgt)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
