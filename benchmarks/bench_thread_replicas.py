@@ -78,7 +78,8 @@ class ThreadReplicas:
         if self.errors:
             raise self.errors.pop()
         for p, *qs in zip(self.model.parameters(), *(r.parameters() for r in self.replicas)):
-            p.grad = torch.stack([q.grad for q in qs]).sum(0)  # fixed order: deterministic
+            grads = [q.grad for q in qs if q.grad is not None]  # None: unused in that replica's forward
+            p.grad = torch.stack(grads).sum(0) if grads else None  # in replica order: deterministic
             for q in qs:
                 q.grad = None
 
