@@ -50,11 +50,18 @@ class ThreadReplicas:
         self.go = [threading.Semaphore(0) for _ in range(n)]
         self.done = threading.Semaphore(0)
         self.errors: list = []
+        ready = threading.Barrier(n + 1)
+        keep = torch.get_num_threads()
         for i in range(n):
-            threading.Thread(target=self._worker, args=(i,), daemon=True).start()
+            threading.Thread(target=self._worker, args=(i, ready), daemon=True).start()
+        ready.wait()
+        torch.set_num_threads(keep)  # the workers' set_num_threads(1) also wrote the process-wide count
 
-    def _worker(self, i: int) -> None:
+    def _worker(self, i: int, ready: threading.Barrier) -> None:
+        # as dispatch.ExpertThreads: torch's per-thread lazy init first, or it would undo the next line
+        torch.get_num_threads()
         torch.set_num_threads(1)
+        ready.wait()
         while True:
             self.go[i].acquire()
             try:
@@ -67,16 +74,23 @@ class ThreadReplicas:
                 self.done.release()
 
     def backward(self, inp: torch.Tensor, tgt: torch.Tensor) -> None:
-        """The batch's loss gradient into the model's .grad: each replica takes an equal share of
-        the rows (its loss the mean over them, / n), the shares' gradients summed in replica order."""
+        """Replace the model's .grad by the gradient of the batch's loss: each replica takes an
+        equal share of the rows (its loss the mean over them, / n), the shares' gradients summed in
+        replica order. Exact without a balance loss; with one, each replica's balance loss sees only
+        its own share (the one way this differs from the trainer's step)."""
         n = len(self.replicas)
+        if inp.shape[0] % n:
+            raise ValueError(f"a batch of {inp.shape[0]} rows does not split into {n} equal shares")
         for i, (a, b) in enumerate(zip(inp.chunk(n), tgt.chunk(n))):
             self.jobs[i] = (a, b)
             self.go[i].release()
         for _ in range(n):
             self.done.acquire()
         if self.errors:
-            raise self.errors.pop()
+            errors, self.errors = self.errors, []
+            for r in self.replicas:
+                r.zero_grad(set_to_none=True)
+            raise errors[0]
         for p, *qs in zip(self.model.parameters(), *(r.parameters() for r in self.replicas)):
             grads = [q.grad for q in qs if q.grad is not None]  # None: unused in that replica's forward
             p.grad = torch.stack(grads).sum(0) if grads else None  # in replica order: deterministic
@@ -109,9 +123,10 @@ def main() -> None:
     cfg = load_config(a.config)
     cfg.model.vocab_size = cfg.model.vocab_size or a.vocab_size
     bs, seq = cfg.train.batch_size // cfg.train.grad_accum, cfg.model.seq_len
-    if cfg.model.moe is not None and cfg.model.moe.router in ("noisy_topk", "sigmoid_bias"):
+    if cfg.model.moe is not None and cfg.model.moe.router in ("noisy_topk", "sigmoid_bias", "expert_choice"):
         sys.exit(f"error: router {cfg.model.moe.router} is not measured here (noise from one generator in"
-                 " several threads; a bias update from one replica's counts): take a softmax_topk config")
+                 " several threads; a bias update from one replica's counts; experts choosing among a share"
+                 " of the batch): take a softmax_topk or switch config")
     if bs % a.replicas:
         sys.exit(f"error: the batch of {bs} sequences does not split into {a.replicas} replicas")
     x = torch.randint(0, cfg.model.vocab_size, (bs, seq + 1), generator=torch.Generator().manual_seed(0))

@@ -137,10 +137,55 @@ def test_importing_moe_lm_bounds_openmp_spinning_before_torch_loads(env, first, 
     assert out == [str(bool(first)), expect]
 
 
-def test_thread_replicas_give_the_single_process_gradient():
+def test_thread_replicas_step_as_the_single_process_step():
     """benchmarks/bench_thread_replicas.py (a lever measured, not built) must time a real step:
-    with no balance loss (the one term that is not a mean over tokens) the replicas' summed
-    gradients equal plain autograd on the whole batch."""
+    with no balance loss (the one term that is not a mean over tokens) three of its steps (replicas'
+    summed gradients, clipping, AdamW) give the parameters that plain autograd on the whole batch
+    and the same clipping and AdamW give, on another batch each step; an uneven split is refused."""
+    import copy
+    import threading
+
+    import torch
+
+    from moe_lm.config import ModelConfig, MoEConfig
+    from moe_lm.model.transformer import Transformer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_thread_replicas
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn_hidden=16,
+                      moe=MoEConfig(n_experts=4, top_k=2, balance_loss="none", z_loss_coef=1e-2))
+    plain = Transformer(cfg)
+    model = copy.deepcopy(plain)
+    reps = bench_thread_replicas.ThreadReplicas(model, 2)
+    seen = []  # a thread started afterwards inherits the process-wide count: not the workers' 1
+    (t := threading.Thread(target=lambda: seen.append(torch.get_num_threads()))).start()
+    t.join()
+    assert seen == [threads] and torch.get_num_threads() == threads
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, model)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randint(0, 50, (4, 17), generator=gen)
+        inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+        out = plain(inp, tgt)
+        (out.loss + out.aux_loss + out.z_loss).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+        reps.step(opts[1], inp, tgt)
+        for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="equal shares"):
+        reps.backward(inp[:3], tgt[:3])
+
+
+def test_thread_replicas_sum_to_the_whole_batch_gradient():
+    """The replicas' summed gradient is plain autograd's on the whole batch, scale included (AdamW
+    and clipping would hide a wrong scale from the step test above)."""
     import torch
 
     from moe_lm.config import ModelConfig, MoEConfig
@@ -152,9 +197,8 @@ def test_thread_replicas_give_the_single_process_gradient():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn_hidden=16,
-                      moe=MoEConfig(n_experts=4, top_k=2, balance_loss="none", z_loss_coef=1e-2))
-    model = Transformer(cfg)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn_hidden=16,
+                                    moe=MoEConfig(n_experts=4, top_k=2, balance_loss="none", z_loss_coef=1e-2)))
     x = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(1))
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     out = model(inp, tgt)
