@@ -137,14 +137,9 @@ def test_importing_moe_lm_bounds_openmp_spinning_before_torch_loads(env, first, 
     assert out == [str(bool(first)), expect]
 
 
-def test_thread_replicas_step_as_the_single_process_step():
-    """benchmarks/bench_thread_replicas.py (a lever measured, not built) must time a real step:
-    with no balance loss (the one term that is not a mean over tokens) three of its steps (replicas'
-    summed gradients, clipping, AdamW) give the parameters that plain autograd on the whole batch
-    and the same clipping and AdamW give, on another batch each step; an uneven split is refused."""
-    import copy
-    import threading
-
+def _thread_replicas_and_a_tiny_moe():
+    """benchmarks/bench_thread_replicas.py as a module, and a tiny MoE without a balance loss (the
+    one term that is not a mean over tokens, so the replicas' step equals the whole batch's)."""
     import torch
 
     from moe_lm.config import ModelConfig, MoEConfig
@@ -155,11 +150,24 @@ def test_thread_replicas_step_as_the_single_process_step():
         import bench_thread_replicas
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    threads = torch.get_num_threads()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn_hidden=16,
                       moe=MoEConfig(n_experts=4, top_k=2, balance_loss="none", z_loss_coef=1e-2))
-    plain = Transformer(cfg)
+    return bench_thread_replicas, Transformer(cfg)
+
+
+def test_thread_replicas_step_as_the_single_process_step():
+    """benchmarks/bench_thread_replicas.py (a lever measured, not built) must time a real step:
+    three of its steps (replicas' summed gradients, clipping, AdamW) give the parameters that plain
+    autograd on the whole batch and the same clipping and AdamW give, on another batch each step;
+    a thread started afterwards keeps torch's thread count; an uneven split is refused."""
+    import copy
+    import threading
+
+    import torch
+
+    threads = torch.get_num_threads()
+    bench_thread_replicas, plain = _thread_replicas_and_a_tiny_moe()
     model = copy.deepcopy(plain)
     reps = bench_thread_replicas.ThreadReplicas(model, 2)
     seen = []  # a thread started afterwards inherits the process-wide count: not the workers' 1
@@ -188,17 +196,7 @@ def test_thread_replicas_sum_to_the_whole_batch_gradient():
     and clipping would hide a wrong scale from the step test above)."""
     import torch
 
-    from moe_lm.config import ModelConfig, MoEConfig
-    from moe_lm.model.transformer import Transformer
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_thread_replicas
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn_hidden=16,
-                                    moe=MoEConfig(n_experts=4, top_k=2, balance_loss="none", z_loss_coef=1e-2)))
+    bench_thread_replicas, model = _thread_replicas_and_a_tiny_moe()
     x = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(1))
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     out = model(inp, tgt)
