@@ -33,7 +33,7 @@ import torch
 
 from . import checks
 from .config import Config, MoEConfig
-from .device import device_name, precision_name, resolve_device, synchronize
+from .device import device_name, openmp_settings, precision_name, resolve_device, synchronize
 from .errors import ConfigError
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -284,7 +284,7 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
         "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
         "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
         "busy": busy, "busy_pids": busy_pids, "cores": available_cores(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        **openmp_settings(),
         "torch": torch.__version__, "transformers": _version("transformers"),
     }
 
@@ -419,8 +419,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
             r["times"].append((time.perf_counter() - t0) / steps)
     peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
     out: dict = {"device": dev.type, "device_name": device_name(dev),
-                 "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                 "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+                 "threads": torch.get_num_threads(), **openmp_settings(),
                  "precision": precision_name(amp_dtype), "batch_tokens": bs * seq, "matmul_peak_flops": peak,
                  "models": {name: _throughput(r, bs * seq, peak) for name, r in runs.items()}}
     if "moe" in out["models"]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Optional
 
@@ -53,6 +54,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
+
+
+def openmp_settings() -> dict[str, Optional[str]]:
+    """How torch's CPU threads wait at the end of a parallel region, as run and benchmark records
+    keep it: OMP_WAIT_POLICY and GOMP_SPINCOUNT from the environment (None where unset; moe_lm's
+    import sets the spin count, see moe_lm/__init__.py)."""
+    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
 
 
 def synchronize(device: torch.device) -> None:
