@@ -86,18 +86,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: the config's train.device)")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps per model (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=15, help="ops listed per model")
-    ap.add_argument("--vocab-size", type=int, default=8192, help="when the config names none")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="default: as `moe-lm info` resolves it (model.vocab_size, the data folder, data.vocab_size, 8192)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = ap.parse_args(argv)
 
     from moe_lm.config import load_config
     from moe_lm.device import resolve_device
-    from moe_lm.model.accounting import dense_twin
+    from moe_lm.model.accounting import dense_twin, resolve_vocab_size
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = args.vocab_size
+    cfg.model.vocab_size, _ = resolve_vocab_size(cfg, args.vocab_size)
     dev, amp_dtype = resolve_device(args.device or cfg.train.device, cfg.train.dtype, "--device")
     variants = {"moe": cfg, "dense": dense_twin(cfg)} if cfg.model.moe is not None else {"dense": cfg}
     out = []

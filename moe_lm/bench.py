@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -376,19 +375,19 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
     utilisation against this machine's measured matmul peak, and the process's peak resident
     memory (`peak_rss_bytes`, both models together; None where the OS does not report it).
 
-    Uses random token batches (no data folder needed); vocab_size: from the config, else the data
-    folder, else 8192. The step is the trainer's (AdamW as `build_optimizer` makes it, clipping at
+    Uses random token batches (no data folder needed); vocab_size: as `moe-lm info` resolves it
+    (accounting.resolve_vocab_size: the argument, model.vocab_size, the data folder, data.vocab_size,
+    8192); the output's `vocab_size` and `vocab_from` say which. The step is the trainer's (AdamW as `build_optimizer` makes it, clipping at
     1.0, router-bias update) on one micro-batch of train.batch_size // train.grad_accum rows.
     """
-    from .model.accounting import dense_twin, flops_per_token
+    from .model.accounting import dense_twin, flops_per_token, resolve_vocab_size
     from .model.transformer import Transformer
     from .training.step import build_optimizer, seed_everything
 
     for option, v, lo in (("--steps", steps, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
         checks.option_number(option, v, lo, 10**6, integer=True)
     cfg = copy.deepcopy(cfg)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = vocab_size or _data_vocab(cfg) or 8192
+    cfg.model.vocab_size, vocab_from = resolve_vocab_size(cfg, vocab_size)
     dev, amp_dtype = resolve_device(device or cfg.train.device, cfg.train.dtype, "--device" if device else "train.device")
     amp = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     variants = {"moe": cfg, "dense": dense_twin(cfg)} if cfg.model.moe is not None else {"dense": cfg}
@@ -420,7 +419,8 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
     peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
     out: dict = {"device": dev.type, "device_name": device_name(dev),
                  "threads": torch.get_num_threads(), **openmp_settings(),
-                 "precision": precision_name(amp_dtype), "batch_tokens": bs * seq, "matmul_peak_flops": peak,
+                 "precision": precision_name(amp_dtype), "batch_tokens": bs * seq,
+                 "vocab_size": cfg.model.vocab_size, "vocab_from": vocab_from, "matmul_peak_flops": peak,
                  "models": {name: _throughput(r, bs * seq, peak) for name, r in runs.items()}}
     if "moe" in out["models"]:
         out["moe_over_dense_tokens_per_s"] = out["models"]["moe"]["tokens_per_s"] / out["models"]["dense"]["tokens_per_s"]
@@ -448,20 +448,12 @@ def _throughput(r: dict, batch_tokens: int, peak: float) -> dict:
             "achieved_flops": tps * r["fpt"], "mfu": tps * r["fpt"] / peak}
 
 
-def _data_vocab(cfg: Config) -> Optional[int]:
-    try:
-        from .data.shards import TokenData
-
-        return int(TokenData.open(Path(cfg.data.dir)).vocab_size)
-    except Exception:  # noqa: BLE001 - only a default
-        return None
-
-
 def render_train(r: dict, console) -> None:
     from rich.table import Table
 
     t = Table(title=f"training throughput: {r.get('name', 'model')} vs its dense twin "
-                    f"({r['device']}, {r['precision']}, {r['threads']} threads, {r['batch_tokens']:,} tokens/step)",
+                    f"({r['device']}, {r['precision']}, {r['threads']} threads, {r['batch_tokens']:,} tokens/step, "
+                    f"vocab {r['vocab_size']:,})",
               title_justify="left")
     for col in ("model", "params", "FLOPs/token", "step ms", "tokens/s (min..max)", "achieved GFLOP/s", "MFU"):
         t.add_column(col, justify="right" if col != "model" else "left")

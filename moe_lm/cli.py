@@ -235,7 +235,7 @@ def compare_dense_cmd(
 def info(
     config: Path = typer.Option(..., "--config", "-c", help="A YAML config (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size [default: model.vocab_size, else the data folder's, else 8192 (prepare's default); the output says which]."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size [default: model.vocab_size, else the data folder's, else data.vocab_size, else 8192 (prepare's default); the output says which]."),
 ) -> None:
     """Total vs active parameters, FLOPs per token, the dense twin, and a training-memory estimate."""
     from . import checks

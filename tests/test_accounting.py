@@ -151,14 +151,20 @@ def test_info_works_before_prepare_and_says_which_vocabulary_it_used(tmp_path):
                            f"data.dir={tmp_path / 'not-prepared'}"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
-    assert "vocab 8192" in proc.stdout  # prepare's default vocabulary (8192 in `moe-lm prepare --help`)
-    assert "vocabulary: 8,192 tokens, from the default of `moe-lm prepare`" in proc.stdout
+    # the config's data.vocab_size: what `moe-lm prepare -c` will train for it (tiny-moe.yaml: 2048)
+    assert "vocab 2048" in proc.stdout
+    assert "vocabulary: 2,048 tokens, from data.vocab_size" in proc.stdout
     # the parameter count is the model's with that vocabulary
     from moe_lm.model.transformer import Transformer
 
-    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=8192"])
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=2048"])
     n = sum(p.numel() for p in Transformer(cfg.model).parameters())
     assert f"{n / 1e6:.2f}M" in proc.stdout
+    # no vocabulary anywhere: prepare's default (8192 in `moe-lm prepare --help`)
+    buf = io.StringIO()
+    render_info(load_config(ROOT / "configs" / "tiny-moe.yaml", ["data.vocab_size=null", f"data.dir={tmp_path / 'x'}"]),
+                console=Console(file=buf, width=200))
+    assert "vocabulary: 8,192 tokens, from the default of `moe-lm prepare`" in buf.getvalue()
     buf = io.StringIO()
     render_info(load_config(ROOT / "configs" / "tiny-moe.yaml", ["model.vocab_size=1000", f"data.dir={tmp_path}"]),
                 console=Console(file=buf, width=200))

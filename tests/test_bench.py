@@ -206,3 +206,23 @@ def test_thread_replicas_sum_to_the_whole_batch_gradient():
     bench_thread_replicas.ThreadReplicas(model, 2).backward(inp, tgt)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bench_train_measures_the_configs_vocabulary_before_prepare(tmp_path):
+    # a fresh clone has no data folder: bench train must time the model `moe-lm prepare -c` and then
+    # `train` build (data.vocab_size), not a model with prepare's default vocabulary (it timed an
+    # 8192-token head for tiny-moe's 2048 once, twice the step of the real model)
+    from moe_lm.config import load_config
+
+    small = [f"data.dir={tmp_path / 'not-prepared'}", "model.d_model=16", "model.n_heads=2", "model.seq_len=8",
+             "model.ffn_hidden=8", "model.moe.n_experts=4", "model.moe.top_k=2", "train.batch_size=2"]
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", small)
+    assert cfg.data.vocab_size == 2048 and cfg.model.vocab_size is None
+    r = bench.bench_train(cfg, steps=1, rounds=1, warmup=0, device="cpu")
+    assert r["vocab_size"] == 2048 and r["vocab_from"].startswith("data.vocab_size")
+    # and the model timed is the 2048-token one
+    from moe_lm.model.transformer import Transformer
+
+    want = Transformer(load_config(ROOT / "configs" / "tiny-moe.yaml", [*small, "model.vocab_size=2048"]).model).num_params()
+    assert r["models"]["moe"]["params"] == want
+    assert bench.bench_train(cfg, vocab_size=300, steps=1, rounds=1, warmup=0, device="cpu")["vocab_size"] == 300

@@ -173,7 +173,8 @@ DEFAULT_VOCAB = 8192  # what `moe-lm prepare` trains when no --vocab-size is giv
 
 def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> tuple[int, str]:
     """(vocabulary size, where it came from): --vocab-size, else model.vocab_size, else the data
-    folder's meta.json, else DEFAULT_VOCAB - so `info` works on a config before `prepare` has run.
+    folder's meta.json, else data.vocab_size (what `moe-lm prepare -c <config>` will train), else
+    DEFAULT_VOCAB - so `info` and `bench train` see the demo's model before `prepare` has run.
     model.vocab_size comes before the data folder because it is the size the model is built
     with (train refuses a data folder whose tokenizer differs)."""
     if vocab_size is not None:
@@ -186,8 +187,11 @@ def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> tuple[i
             return int(json.loads(meta.read_text())["vocab_size"]), f"the tokenizer of {cfg.data.dir}"
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{meta} has no readable vocab_size", "re-run moe-lm prepare, or pass --vocab-size") from exc
+    if cfg.data.vocab_size is not None:
+        return int(cfg.data.vocab_size), (f"data.vocab_size ({cfg.data.dir} is not prepared yet; "
+                                          "`moe-lm prepare -c <config>` trains this vocabulary)")
     return DEFAULT_VOCAB, (f"the default of `moe-lm prepare`: {cfg.data.dir} is not prepared yet and model.vocab_size "
-                           "is null; pass --vocab-size N for another")
+                           "and data.vocab_size are null; pass --vocab-size N for another")
 
 
 def _fmt(n: float) -> str:
