@@ -226,3 +226,35 @@ def test_bench_train_measures_the_configs_vocabulary_before_prepare(tmp_path):
     want = Transformer(load_config(ROOT / "configs" / "tiny-moe.yaml", [*small, "model.vocab_size=2048"]).model).num_params()
     assert r["models"]["moe"]["params"] == want
     assert bench.bench_train(cfg, vocab_size=300, steps=1, rounds=1, warmup=0, device="cpu")["vocab_size"] == 300
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs this repository's git history")
+def test_bench_against_commit_loads_the_commits_own_code_and_times_four_arms(tmp_path, capsys):
+    """benchmarks/bench_against_commit.py: the commit's package must run its OWN code (an absolute
+    `import moe_lm` inside it would silently time this checkout twice), and every arm is timed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_against_commit as bac
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    n_path = len(sys.path)
+    try:
+        pkg, sha = bac.import_commit("HEAD", tmp_path)
+        assert sha == head and pkg.__name__ == f"moe_lm_at_{head[:10]}"
+        from moe_lm.model import transformer
+
+        old_t = bac.find(pkg, ["model.transformer.Transformer"])
+        assert Path(sys.modules[old_t.__module__].__file__).is_relative_to(tmp_path)
+        assert old_t is not transformer.Transformer
+        r = bac.main(["HEAD", "--rounds", "1", "--steps", "1", "--warmup", "0", "model.d_model=16",
+                      "model.n_heads=2", "model.seq_len=8", "model.ffn_hidden=8", "model.moe.n_experts=4",
+                      "model.moe.top_k=2", "train.batch_size=2", "model.vocab_size=64"])
+    finally:
+        del sys.path[:len(sys.path) - n_path]
+    assert set(r["tokens_per_s"]) == {"this moe", "this dense", f"{head[:10]} moe", f"{head[:10]} dense"}
+    assert all(v > 0 for v in r["tokens_per_s"].values()) and r["vocab_size"] == 64 and r["batch_tokens"] == 16
+    assert "this checkout / " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is not a commit"):
+        bac.import_commit("no-such-commit-xyz", tmp_path / "x")
