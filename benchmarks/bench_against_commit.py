@@ -11,7 +11,8 @@ counted), so drifts of the machine hit every arm alike. On the CPU, in float32.
 The step is `bench train`'s: forward, loss + balance loss + z-loss, backward, clipping at 1.0,
 AdamW, zero_grad, router-bias update. What the comparison leaves out: settings a package makes
 when it is imported (this checkout's `moe_lm/__init__.py` sets the OpenMP spin count before torch
-loads; the process has one OpenMP, so both versions run under this checkout's choice).
+loads; the process has one OpenMP, so both versions run under this checkout's choice, also when
+the commit's package set none).
 
     python benchmarks/bench_against_commit.py 2d13d0b            # tiny-moe, 12 rounds of 5 steps
     python benchmarks/bench_against_commit.py 2d13d0b -c configs/tiny-moe.yaml --rounds 20 --json out.json
@@ -52,12 +53,19 @@ def import_commit(commit: str, into: Path):
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    except OSError as exc:
+        fail(f"cannot run git ({exc}): this benchmark reads the commit from {ROOT}'s history")
+    except subprocess.CalledProcessError:
         fail(f"{commit!r} is not a commit of {ROOT} (git rev-parse found none): pass a hash, tag or branch")
     name = f"moe_lm_at_{sha[:10]}"
+    if name in sys.modules:
+        fail(f"{name} is already loaded in this process: one comparison per commit and process")
     archive = into / "moe_lm.tar"
     with archive.open("wb") as f:
-        subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", sha, "moe_lm"], stdout=f, check=True)
+        got = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", sha, "moe_lm"], stdout=f,
+                             stderr=subprocess.PIPE, text=True)
+    if got.returncode != 0:
+        fail(f"commit {sha[:10]} has no moe_lm/ package to load (git archive: {got.stderr.strip()})")
     with tarfile.open(archive) as tar:  # our own repository's files; filter= from Python 3.11.4 on
         tar.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (into / "moe_lm").rename(into / name)
@@ -139,7 +147,11 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="moe-lm-commit-"))
     try:  # the commit's files stay until the end: its code may import modules lazily, mid-run
         return _measure(a, overrides, vocab, vocab_from, tmp)
-    finally:
+    finally:  # leave the process as it was: no path to the deleted files, no half-gone package
+        if str(tmp) in sys.path:
+            sys.path.remove(str(tmp))
+        for mod in [m for m in sys.modules if m.startswith("moe_lm_at_")]:
+            del sys.modules[mod]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -157,8 +169,10 @@ def _measure(a, overrides: list[str], vocab: int, vocab_from: str, tmp: Path) ->
     for model, opt in models.values():
         for _ in range(a.warmup):
             train_step(model, opt, inp, tgt)
-    for _ in range(a.rounds):
-        for k, (model, opt) in models.items():
+    order, n = list(models), len(models)
+    for i in range(a.rounds):
+        for k in order[i % n:] + order[:i % n]:  # each arm first in turn: no arm always follows the same one
+            model, opt = models[k]
             t0 = time.perf_counter()
             for _ in range(a.steps):
                 train_step(model, opt, inp, tgt)

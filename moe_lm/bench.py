@@ -386,6 +386,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
 
     for option, v, lo in (("--steps", steps, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
         checks.option_number(option, v, lo, 10**6, integer=True)
+    checks.option_number("vocab_size", vocab_size, 2, 2**32, integer=True)
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size, vocab_from = resolve_vocab_size(cfg, vocab_size)
     dev, amp_dtype = resolve_device(device or cfg.train.device, cfg.train.dtype, "--device" if device else "train.device")
@@ -463,6 +464,7 @@ def render_train(r: dict, console) -> None:
                   f"{m['tokens_per_s']:,.0f} ({lo:,.0f}..{hi:,.0f})", f"{m['achieved_flops'] / 1e9:.2f}",
                   f"{m['mfu']:.1%}")
     console.print(t)
+    console.print(f"vocabulary: {r['vocab_size']:,} tokens, from {r['vocab_from']}", markup=False, highlight=False)
     console.print(f"matmul peak ({r['precision']}): {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s", highlight=False)
     if "moe_over_dense_tokens_per_s" in r:
         console.print(f"MoE / dense tokens/s: {r['moe_over_dense_tokens_per_s']:.3f}", highlight=False)

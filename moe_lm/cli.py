@@ -92,7 +92,7 @@ def main(
 @app.command()
 @options_of(PrepareOptions)
 def prepare(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Prepare the data this config trains on: its data.dir and model.vocab_size (e.g. configs/tiny-moe.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Prepare the data this config trains on: its data.dir and data.vocab_size, else model.vocab_size (e.g. configs/tiny-moe.yaml)."),
     **options,
 ) -> None:
     """Read a corpus, train a byte-level BPE tokenizer, write token shards to data/<name>/.

@@ -140,6 +140,11 @@ def test_info_takes_the_vocabulary_from_the_data_folder_or_says_how_to_get_it(tm
     buf = io.StringIO()
     render_info(load_config(None, [f"data.dir={tmp_path / 'd'}"]), vocab_size=None, console=Console(file=buf, width=200))
     assert "vocab 321" in buf.getvalue()
+    # the folder also wins over a config's data.vocab_size (tiny-moe: 2048): train takes the folder's
+    buf = io.StringIO()
+    render_info(load_config(ROOT / "configs" / "tiny-moe.yaml", [f"data.dir={tmp_path / 'd'}"]),
+                console=Console(file=buf, width=200))
+    assert "vocab 321" in buf.getvalue()
     buf = io.StringIO()
     render_info(load_config(None, [f"data.dir={tmp_path / 'nowhere'}"]), vocab_size=500, console=Console(file=buf, width=200))
     assert "vocab 500" in buf.getvalue()

@@ -226,20 +226,54 @@ def test_bench_train_measures_the_configs_vocabulary_before_prepare(tmp_path):
     want = Transformer(load_config(ROOT / "configs" / "tiny-moe.yaml", [*small, "model.vocab_size=2048"]).model).num_params()
     assert r["models"]["moe"]["params"] == want
     assert bench.bench_train(cfg, vocab_size=300, steps=1, rounds=1, warmup=0, device="cpu")["vocab_size"] == 300
+    # a prepared folder wins over data.vocab_size: its tokenizer is what train builds the model with
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "meta.json").write_text('{"vocab_size": 321}')
+    prepared = load_config(ROOT / "configs" / "tiny-moe.yaml", [*small, f"data.dir={tmp_path / 'prepared'}"])
+    r = bench.bench_train(prepared, steps=1, rounds=1, warmup=0, device="cpu")
+    assert r["vocab_size"] == 321 and r["vocab_from"] == f"the tokenizer of {tmp_path / 'prepared'}"
+    # model.vocab_size is the model's, and a data.vocab_size that contradicts it is named
+    r = bench.bench_train(load_config(ROOT / "configs" / "tiny-moe.yaml", [*small, "model.vocab_size=500"]),
+                          steps=1, rounds=1, warmup=0, device="cpu")
+    assert r["vocab_size"] == 500 and "data.vocab_size is 2048" in r["vocab_from"]
+    with pytest.raises(ConfigError, match="vocab_size"):
+        bench.bench_train(cfg, vocab_size=0, steps=1, rounds=1, warmup=0, device="cpu")
+
+
+TINY_ARMS = ["--rounds", "2", "--steps", "1", "--warmup", "0", "model.d_model=16", "model.n_heads=2",
+             "model.seq_len=8", "model.ffn_hidden=8", "model.moe.n_experts=4", "model.moe.top_k=2",
+             "train.batch_size=2", "model.vocab_size=64"]
+
+
+def _bench_against_commit():
+    n_path = len(sys.path)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_against_commit
+    finally:
+        del sys.path[:len(sys.path) - n_path]
+    return bench_against_commit
+
+
+def _commit(rev: str):
+    got = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True)
+    return got.stdout.strip() or None
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs this repository's git history")
 def test_bench_against_commit_loads_the_commits_own_code_and_times_four_arms(tmp_path, capsys):
     """benchmarks/bench_against_commit.py: the commit's package must run its OWN code (an absolute
-    `import moe_lm` inside it would silently time this checkout twice), and every arm is timed."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_against_commit as bac
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    n_path = len(sys.path)
+    `import moe_lm` inside it would silently time this checkout twice), every arm is timed, and the
+    process is left as it was (no path to deleted files, no stale package)."""
+    bac = _bench_against_commit()
+    head = _commit("HEAD")
+    n_path, modules = len(sys.path), set(sys.modules)
+    r = bac.main(["HEAD", *TINY_ARMS])
+    assert len(sys.path) == n_path and not any(m.startswith("moe_lm_at_") for m in set(sys.modules) - modules)
+    assert set(r["tokens_per_s"]) == {"this moe", "this dense", f"{head[:10]} moe", f"{head[:10]} dense"}
+    assert all(v > 0 for v in r["tokens_per_s"].values()) and r["vocab_size"] == 64 and r["batch_tokens"] == 16
+    assert "this checkout / " in capsys.readouterr().out
     try:
         pkg, sha = bac.import_commit("HEAD", tmp_path)
         assert sha == head and pkg.__name__ == f"moe_lm_at_{head[:10]}"
@@ -248,13 +282,19 @@ def test_bench_against_commit_loads_the_commits_own_code_and_times_four_arms(tmp
         old_t = bac.find(pkg, ["model.transformer.Transformer"])
         assert Path(sys.modules[old_t.__module__].__file__).is_relative_to(tmp_path)
         assert old_t is not transformer.Transformer
-        r = bac.main(["HEAD", "--rounds", "1", "--steps", "1", "--warmup", "0", "model.d_model=16",
-                      "model.n_heads=2", "model.seq_len=8", "model.ffn_hidden=8", "model.moe.n_experts=4",
-                      "model.moe.top_k=2", "train.batch_size=2", "model.vocab_size=64"])
+        with pytest.raises(SystemExit, match="already loaded"):
+            bac.import_commit("HEAD", tmp_path / "again")
     finally:
         del sys.path[:len(sys.path) - n_path]
-    assert set(r["tokens_per_s"]) == {"this moe", "this dense", f"{head[:10]} moe", f"{head[:10]} dense"}
-    assert all(v > 0 for v in r["tokens_per_s"].values()) and r["vocab_size"] == 64 and r["batch_tokens"] == 16
-    assert "this checkout / " in capsys.readouterr().out
+        for m in [m for m in sys.modules if m.startswith("moe_lm_at_")]:
+            del sys.modules[m]
     with pytest.raises(SystemExit, match="is not a commit"):
         bac.import_commit("no-such-commit-xyz", tmp_path / "x")
+
+
+@pytest.mark.skipif(_commit("2d13d0b") is None, reason="needs the history back to 2d13d0b")
+def test_bench_against_commit_runs_the_issues_commit():
+    """The commit PERFORMANCE.md compares against: its optimizer lived in training.trainer and its
+    package set no OpenMP spin count; the script must still build and time its arms."""
+    r = _bench_against_commit().main(["2d13d0b", *TINY_ARMS])
+    assert r["commit"].startswith("2d13d0b") and all(v > 0 for v in r["tokens_per_s"].values())

@@ -180,6 +180,10 @@ def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> tuple[i
     if vocab_size is not None:
         return int(vocab_size), "--vocab-size"
     if cfg.model.vocab_size is not None:
+        other = cfg.data.vocab_size
+        if other is not None and other != cfg.model.vocab_size:
+            return int(cfg.model.vocab_size), (f"model.vocab_size (data.vocab_size is {other}: `moe-lm prepare -c "
+                                               "<config>` would train that, and train would refuse the folder)")
         return int(cfg.model.vocab_size), "model.vocab_size"
     meta = Path(cfg.data.dir) / "meta.json"
     if meta.is_file():
@@ -191,7 +195,7 @@ def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> tuple[i
         return int(cfg.data.vocab_size), (f"data.vocab_size ({cfg.data.dir} is not prepared yet; "
                                           "`moe-lm prepare -c <config>` trains this vocabulary)")
     return DEFAULT_VOCAB, (f"the default of `moe-lm prepare`: {cfg.data.dir} is not prepared yet and model.vocab_size "
-                           "and data.vocab_size are null; pass --vocab-size N for another")
+                           "and data.vocab_size are null; set model.vocab_size=N for another")
 
 
 def _fmt(n: float) -> str:
