@@ -376,9 +376,10 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
     memory (`peak_rss_bytes`, both models together; None where the OS does not report it).
 
     Uses random token batches (no data folder needed); vocab_size: as `moe-lm info` resolves it
-    (accounting.resolve_vocab_size: the argument, model.vocab_size, the data folder, data.vocab_size,
-    8192); the output's `vocab_size` and `vocab_from` say which. The step is the trainer's (AdamW as `build_optimizer` makes it, clipping at
-    1.0, router-bias update) on one micro-batch of train.batch_size // train.grad_accum rows.
+    (accounting.resolve_vocab_size: the argument, model.vocab_size, the data folder,
+    data.vocab_size, 8192); the output's `vocab_size` and `vocab_from` say which. The step is the
+    trainer's (AdamW as `build_optimizer` makes it, clipping at 1.0, router-bias update) on one
+    micro-batch of train.batch_size // train.grad_accum rows.
     """
     from .model.accounting import dense_twin, flops_per_token, resolve_vocab_size
     from .model.transformer import Transformer

@@ -190,7 +190,7 @@ def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> tuple[i
         try:
             return int(json.loads(meta.read_text())["vocab_size"]), f"the tokenizer of {cfg.data.dir}"
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{meta} has no readable vocab_size", "re-run moe-lm prepare, or pass --vocab-size") from exc
+            raise ConfigError(f"{meta} has no readable vocab_size", "re-run moe-lm prepare, or set model.vocab_size=N") from exc
     if cfg.data.vocab_size is not None:
         return int(cfg.data.vocab_size), (f"data.vocab_size ({cfg.data.dir} is not prepared yet; "
                                           "`moe-lm prepare -c <config>` trains this vocabulary)")
