@@ -142,11 +142,12 @@ def main(argv=None) -> dict:
     from moe_lm.model.accounting import resolve_vocab_size
     from moe_lm.config import load_config
 
-    vocab, vocab_from = resolve_vocab_size(load_config(a.config, a.overrides))
+    cfg = load_config(a.config, a.overrides)
+    vocab, vocab_from = resolve_vocab_size(cfg)
     overrides = [*a.overrides, f"model.vocab_size={vocab}"]
     tmp = Path(tempfile.mkdtemp(prefix="moe-lm-commit-"))
     try:  # the commit's files stay until the end: its code may import modules lazily, mid-run
-        return _measure(a, overrides, vocab, vocab_from, tmp)
+        return _measure(a, cfg, overrides, vocab, vocab_from, tmp)
     finally:  # leave the process as it was: no path to the deleted files, no half-gone package
         if str(tmp) in sys.path:
             sys.path.remove(str(tmp))
@@ -155,14 +156,11 @@ def main(argv=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _measure(a, overrides: list[str], vocab: int, vocab_from: str, tmp: Path) -> dict:
-    from moe_lm.config import load_config
-
+def _measure(a, cfg, overrides: list[str], vocab: int, vocab_from: str, tmp: Path) -> dict:
     old, sha = import_commit(a.commit, tmp)
     models = {f"this {arm}": m for arm, m in arms(moe_lm, a.config, overrides).items()}
     models |= {f"{sha[:10]} {arm}": m for arm, m in arms(old, a.config, overrides).items()}
-    c = load_config(a.config, overrides)
-    bs, seq = c.train.batch_size // c.train.grad_accum, c.model.seq_len
+    bs, seq = cfg.train.batch_size // cfg.train.grad_accum, cfg.model.seq_len
     x = torch.randint(0, vocab, (bs, seq + 1), generator=torch.Generator().manual_seed(0))
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     times: dict[str, list[float]] = {k: [] for k in models}
