@@ -16,6 +16,7 @@ the commit's package set none).
 
     python benchmarks/bench_against_commit.py 2d13d0b            # tiny-moe, 12 rounds of 5 steps
     python benchmarks/bench_against_commit.py 2d13d0b -c configs/tiny-moe.yaml --rounds 20 --json out.json
+    python benchmarks/bench_against_commit.py 2d13d0b --this train.compile=true   # this code compiled
 
 Needs git and a commit whose package imports itself by relative imports only (every commit of
 this repository does) and that reads the config file (its keys existed then).
@@ -90,7 +91,9 @@ def find(pkg, dotted: list[str]):
 
 
 def arms(pkg, config: Path, overrides: list[str]) -> dict:
-    """The MoE and its dense twin, built by the package's own code: name -> (model, optimizer)."""
+    """The MoE and its dense twin, built by the package's own code: name -> (forward, model,
+    optimizer); under train.compile the forward is what that version's trainer would compile
+    (training.step.compile_model where it exists, else torch.compile of the whole model)."""
     load_config = find(pkg, ["config.load_config"])
     transformer = find(pkg, ["model.transformer.Transformer"])
     dense_twin = find(pkg, ["model.accounting.dense_twin"])
@@ -101,17 +104,24 @@ def arms(pkg, config: Path, overrides: list[str]) -> dict:
         fail(f"{pkg.__name__} cannot read {config}: {exc}")
     if cfg.model.moe is None:
         fail(f"{config} has no model.moe: take an MoE config")
+    compile_model = torch.compile
+    if cfg.train.compile:
+        try:
+            compile_model = importlib.import_module(f"{pkg.__name__}.training.step").compile_model
+        except (ImportError, AttributeError):
+            pass
     out = {}
     for arm, c in (("moe", cfg), ("dense", dense_twin(cfg))):
         torch.manual_seed(c.train.seed)
         model = transformer(c.model)
-        out[arm] = (model, build_optimizer(model, c, torch.device("cpu")))
+        out[arm] = (compile_model(model) if c.train.compile else model, model,
+                    build_optimizer(model, c, torch.device("cpu")))
     return out
 
 
-def train_step(model, opt, inp, tgt) -> None:
+def train_step(forward, model, opt, inp, tgt) -> None:
     """bench train's step, written against the model API every commit shares."""
-    out = model(inp, tgt)
+    out = forward(inp, tgt)
     loss = out.loss
     for extra in (getattr(out, "aux_loss", None), getattr(out, "z_loss", None)):
         if isinstance(extra, torch.Tensor):
@@ -132,6 +142,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per model and round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--this", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for this checkout's arms only, e.g. --this train.compile=true "
+                         "(this code compiled against the commit's as it ran by default)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, for both versions")
     a = ap.parse_intermixed_args(argv)
     for flag, v, lo in (("--rounds", a.rounds, 1), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0)):
@@ -141,8 +154,18 @@ def main(argv=None) -> dict:
         fail(f"{a.config} is not a file: pass an MoE config with -c")
     from moe_lm.model.accounting import resolve_vocab_size
     from moe_lm.config import load_config
+    from moe_lm.errors import ConfigError
 
-    cfg = load_config(a.config, a.overrides)
+    for o in a.this:
+        key = o.partition("=")[0].strip()
+        if not key.startswith("train.") or key in ("train.batch_size", "train.grad_accum"):
+            fail(f"--this {o}: only train.* settings that keep the batch (both versions time the same "
+                 f"tokens), e.g. --this train.compile=true")
+    try:  # a wrong key or value fails here, before any work
+        load_config(a.config, [*a.overrides, *a.this])
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as exc:
+        fail(str(exc))
     vocab, vocab_from = resolve_vocab_size(cfg)
     overrides = [*a.overrides, f"model.vocab_size={vocab}"]
     tmp = Path(tempfile.mkdtemp(prefix="moe-lm-commit-"))
@@ -158,32 +181,33 @@ def main(argv=None) -> dict:
 
 def _measure(a, cfg, overrides: list[str], vocab: int, vocab_from: str, tmp: Path) -> dict:
     old, sha = import_commit(a.commit, tmp)
-    models = {f"this {arm}": m for arm, m in arms(moe_lm, a.config, overrides).items()}
+    models = {f"this {arm}": m for arm, m in arms(moe_lm, a.config, [*overrides, *a.this]).items()}
     models |= {f"{sha[:10]} {arm}": m for arm, m in arms(old, a.config, overrides).items()}
     bs, seq = cfg.train.batch_size // cfg.train.grad_accum, cfg.model.seq_len
     x = torch.randint(0, vocab, (bs, seq + 1), generator=torch.Generator().manual_seed(0))
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     times: dict[str, list[float]] = {k: [] for k in models}
-    for model, opt in models.values():
+    for fwd, model, opt in models.values():
         for _ in range(a.warmup):
-            train_step(model, opt, inp, tgt)
+            train_step(fwd, model, opt, inp, tgt)
     order, n = list(models), len(models)
     for i in range(a.rounds):
         for k in order[i % n:] + order[:i % n]:  # each arm first in turn: no arm always follows the same one
-            model, opt = models[k]
+            fwd, model, opt = models[k]
             t0 = time.perf_counter()
             for _ in range(a.steps):
-                train_step(model, opt, inp, tgt)
+                train_step(fwd, model, opt, inp, tgt)
             times[k].append((time.perf_counter() - t0) / a.steps)
     tps = {k: bs * seq / statistics.median(v) for k, v in times.items()}
     old_moe, old_dense = tps[f"{sha[:10]} moe"], tps[f"{sha[:10]} dense"]
     r = {"commit": sha, "config": str(a.config), "vocab_size": vocab, "vocab_from": vocab_from,
          "threads": torch.get_num_threads(), "batch_tokens": bs * seq, "rounds": a.rounds, "steps": a.steps,
+         "this_overrides": a.this,
          "tokens_per_s": tps,
          "this_over_commit": {"moe": tps["this moe"] / old_moe, "dense": tps["this dense"] / old_dense},
          "moe_over_dense": {"this": tps["this moe"] / tps["this dense"], "commit": old_moe / old_dense}}
     print(f"{a.config.name}, vocabulary {vocab:,}, {r['threads']} threads, {bs * seq:,} tokens a step, "
-          f"{a.rounds} rounds x {a.steps} steps (medians):")
+          f"{a.rounds} rounds x {a.steps} steps (medians)" + (f"; this checkout with {' '.join(a.this)}" if a.this else "") + ":")
     for k, v in tps.items():
         print(f"  {k:<18} {v:>9,.0f} tokens/s")
     print(f"this checkout / {sha[:10]}: MoE {r['this_over_commit']['moe']:.3f}x, dense {r['this_over_commit']['dense']:.3f}x")

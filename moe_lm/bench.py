@@ -383,7 +383,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
     """
     from .model.accounting import dense_twin, flops_per_token, resolve_vocab_size
     from .model.transformer import Transformer
-    from .training.step import build_optimizer, seed_everything
+    from .training.step import build_optimizer, compile_model, seed_everything
 
     for option, v, lo in (("--steps", steps, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
         checks.option_number(option, v, lo, 10**6, integer=True)
@@ -403,7 +403,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
         seed_everything(t.seed)
         model = Transformer(c.model).to(dev)
         opt = build_optimizer(model, c, dev)
-        fwd = torch.compile(model) if t.compile else model
+        fwd = compile_model(model) if t.compile else model
         runs[name] = {"model": model, "opt": opt, "fwd": fwd, "times": [], "params": model.num_params(),
                       "fpt": float(flops_per_token(c.model)["total"])}
     for r in runs.values():

@@ -298,3 +298,14 @@ def test_bench_against_commit_runs_the_issues_commit():
     package set no OpenMP spin count; the script must still build and time its arms."""
     r = _bench_against_commit().main(["2d13d0b", *TINY_ARMS])
     assert r["commit"].startswith("2d13d0b") and all(v > 0 for v in r["tokens_per_s"].values())
+
+
+def test_bench_against_commit_refuses_this_only_overrides_that_change_the_batch_or_model(capsys):
+    """--this applies to this checkout's arms only, so it may not change what both time (the batch,
+    the model); a wrong value fails before anything is built."""
+    bac = _bench_against_commit()
+    for bad in ("train.batch_size=8", "model.d_model=32", "train.grad_accum=2"):
+        with pytest.raises(SystemExit, match="only train"):
+            bac.main(["HEAD", "--this", bad, *TINY_ARMS])
+    with pytest.raises(SystemExit, match="expected true or false"):
+        bac.main(["HEAD", "--this", "train.compile=maybe", *TINY_ARMS])

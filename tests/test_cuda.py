@@ -101,3 +101,21 @@ def test_a_dropless_moe_layer_trains_without_a_host_sync_on_cuda(router):
         torch.cuda.set_sync_debug_mode("default")
     assert layer.experts.last_path == "grouped_mm"
     assert layer.router.weight.grad is not None and layer.experts.w_in.grad is not None
+
+
+def test_train_compile_on_cuda_compiles_the_whole_model():
+    """On a GPU train.compile is one graph over the whole model (regional compilation is the CPU's
+    rule): the head and its cross-entropy are inside it, so the logits come back."""
+    from torch._dynamo.testing import CompileCounter
+
+    from moe_lm.config import load_config
+    from moe_lm.model.transformer import Transformer
+    from moe_lm.training.step import compile_model
+
+    cfg = load_config("configs/tiny-moe.yaml", ["model.vocab_size=256", "model.seq_len=32"])
+    model = Transformer(cfg.model).to("cuda")
+    counter = CompileCounter()
+    forward = compile_model(model, backend=counter)
+    assert forward is not model and all(getattr(b, "_compiled_call_impl", None) is None for b in model.layers)
+    idx = torch.randint(0, 256, (2, 33), device="cuda")
+    assert forward(idx[:, :-1], idx[:, 1:]).logits is not None and counter.frame_count >= 1

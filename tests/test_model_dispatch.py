@@ -468,3 +468,31 @@ def test_expert_threads_only_for_experts_big_enough_to_hide_the_handoff():
         assert not dispatch.use_expert_threads(x512, [1024] * 64, 512)
     finally:
         torch.set_num_threads(keep)
+
+
+@pytest.mark.parametrize("path", ["fused", "padded"])
+def test_host_sized_paths_under_torch_compile_make_no_graph_per_routing(path):
+    """The fused and padded paths read the expert sizes back as Python ints. Under torch.compile
+    they must stay outside the graph: traced, each routing (each list of sizes) was a new graph,
+    a recompile every step. Four inputs routed four different ways: the graphs made for the first
+    serve the rest, and values and gradients are eager's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    layer = make_layer(E=6, k=2)
+    layer.dispatch_path = path
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    sizes, graphs = set(), []
+    for seed in range(4):
+        x = torch.randn(48, 16, generator=torch.Generator().manual_seed(seed))
+        got = grads_of(lambda v: compiled(v)[0], layer, x)
+        want = grads_of(lambda v: layer(v)[0], layer, x)
+        for name, a, b in zip(GRADS, got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        with torch.no_grad():
+            sizes.add(tuple(torch.bincount(layer.router(x).expert, minlength=6).tolist()))
+        graphs.append(counter.frame_count)
+    assert len(sizes) == 4, "the inputs must route differently for this test to mean anything"
+    assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 3, graphs
+    torch._dynamo.reset()

@@ -143,6 +143,43 @@ def test_resume_is_exact_n_steps_plus_n_equals_2n(tiny_data_dir, tmp_path, route
     assert resumed.tokens == straight.tokens and resumed.wall_s > first.wall_s
 
 
+def test_train_compile_on_a_cpu_compiles_each_block_and_trains_as_eager_does(tiny_data_dir, tmp_path, monkeypatch):
+    """train.compile=true on a CPU: each block goes through torch.compile (here with the lighter
+    aot_eager backend, which traces the same graphs without generating C++), the fused head and
+    loss stay eager (no logits: lm_loss ran outside the graph), and the run trains, evaluates and
+    checkpoints as the eager run does: the same losses, the same state-dict keys."""
+    from torch._dynamo.testing import CompileCounter
+
+    from moe_lm.model.transformer import Transformer
+    from moe_lm.training import step
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    real = step.compile_model
+    monkeypatch.setattr(step, "compile_model", lambda model, ddp=None: real(model, ddp, backend=counter))
+    args = ["train.max_steps=4", "train.log_every=1", "train.eval_every=2"]
+    eager = train(load_config(TINY_MOE, tiny(tiny_data_dir, *args)), out_dir=tmp_path / "eager", console=quiet(), plots=False)
+    compiled = train(load_config(TINY_MOE, tiny(tiny_data_dir, *args, "train.compile=true")),
+                     out_dir=tmp_path / "compiled", console=quiet(), plots=False)
+    assert counter.frame_count >= 2  # both blocks' graphs (more: the MoE layer's graph break)
+    losses = lambda d: [(r["step"], r["loss"]) for r in train_records(d)]  # noqa: E731
+    for (s1, l1), (s2, l2) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-4)
+    from safetensors.torch import load_file
+
+    assert load_file(compiled.checkpoint / "model.safetensors").keys() == load_file(eager.checkpoint / "model.safetensors").keys()
+
+    cfg = load_config(TINY_MOE, tiny(tiny_data_dir, "model.vocab_size=64"))
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    forward = real(model, backend=CompileCounter())
+    assert forward is model and all(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers)
+    idx = torch.randint(0, 64, (2, 9))
+    assert forward(idx[:, :-1], idx[:, 1:]).logits is None  # the fused head and loss, eager
+    torch._dynamo.reset()
+
+
 def test_resume_from_an_earlier_checkpoint_sets_later_ones_aside(tiny_data_dir, tmp_path):
     cfg = load_config(TINY_MOE, tiny(tiny_data_dir, "train.max_steps=6", "train.checkpoint_every=2",
                                      "train.keep_checkpoints=5", "train.log_every=1"))

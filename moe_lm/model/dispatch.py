@@ -107,18 +107,27 @@ def moe_ffn(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
     w_in, w_down = experts.w_in, experts.w_down
     if dtype is not None:
         x, w_in, w_down = x.to(dtype), w_in.to(dtype), w_down.to(dtype)
-    token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown dispatch path {path!r} (known: {', '.join(PATHS)})")
-    sizes = None
-    if path != "grouped_mm" and not (path is None and choose_path(x) == "grouped_mm"):
-        # NOTE: one host sync per layer (the slice sizes); the grouped_mm path has none.
-        sizes = counts.tolist()
+    if path == "grouped_mm" or (path is None and choose_path(x) == "grouped_mm"):
+        experts.last_path = "grouped_mm"
+        token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
+        with torch.autocast(dev, enabled=False):
+            return _grouped_path(x, token_s, weight_s, counts, w_in, w_down, experts.activation)
+    return _host_sized(x, token, expert, weight, w_in, w_down, experts, path)
+
+
+@torch.compiler.disable
+def _host_sized(x, token, expert, weight, w_in, w_down, experts, path: Optional[str]) -> torch.Tensor:
+    """The "fused" and "padded" paths, which read the slice sizes back to the host (one sync per
+    layer) and loop over them in Python. Outside torch.compile's graph: traced, each new list of
+    sizes made a new graph (a recompile per step until dynamo gave up, docs/PERFORMANCE.md); here
+    the graph breaks once and these paths run as in eager mode."""
+    token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
+    sizes = counts.tolist()
     path = path or choose_path(x, sizes)
     experts.last_path = path
-    with torch.autocast(dev, enabled=False):
-        if path == "grouped_mm":
-            return _grouped_path(x, token_s, weight_s, counts, w_in, w_down, experts.activation)
+    with torch.autocast(x.device.type, enabled=False):
         if path == "padded":
             C = max(sizes, default=0)
             starts = torch.cumsum(counts, 0) - counts
