@@ -110,7 +110,8 @@ class TrainConfig:
     device: str = "auto"  # one of DEVICES
     dtype: str = "auto"  # one of DTYPES; auto = float32 on CPU, bf16 autocast on CUDA
     # torch.compile the training forward (training.step.compile_model): the whole model on a GPU
-    # (2.5x small-moe's MoE on an H200), each block on a CPU (~0-10 %); the first steps compile
+    # (2.5x small-moe's MoE on an H200); each block on a CPU, where the demo's dense twin gained
+    # 4-16 % and its MoE -6 to +4 % (docs/PERFORMANCE.md); the first steps compile
     compile: bool = False
     tensorboard: bool = False
 

@@ -145,16 +145,17 @@ def test_resume_is_exact_n_steps_plus_n_equals_2n(tiny_data_dir, tmp_path, route
 
 def test_train_compile_on_a_cpu_compiles_each_block_and_trains_as_eager_does(tiny_data_dir, tmp_path, monkeypatch):
     """train.compile=true on a CPU: each block goes through torch.compile (here with the lighter
-    aot_eager backend, which traces the same graphs without generating C++), the fused head and
-    loss stay eager (no logits: lm_loss ran outside the graph), and the run trains, evaluates and
-    checkpoints as the eager run does: the same losses, the same state-dict keys."""
-    from torch._dynamo.testing import CompileCounter
+    aot_eager backend: dynamo's graphs and AOTAutograd's forward and backward, without generating
+    C++), the fused head and loss stay eager (no logits: lm_loss ran outside the graph), and the
+    run trains, evaluates and checkpoints as the eager run does: the same losses, the same
+    state-dict keys."""
+    from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
     from moe_lm.model.transformer import Transformer
     from moe_lm.training import step
 
     torch._dynamo.reset()
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")
     real = step.compile_model
     monkeypatch.setattr(step, "compile_model", lambda model, ddp=None: real(model, ddp, backend=counter))
     args = ["train.max_steps=4", "train.log_every=1", "train.eval_every=2"]
@@ -177,6 +178,32 @@ def test_train_compile_on_a_cpu_compiles_each_block_and_trains_as_eager_does(tin
     assert forward is model and all(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers)
     idx = torch.randint(0, 64, (2, 9))
     assert forward(idx[:, :-1], idx[:, 1:]).logits is None  # the fused head and loss, eager
+    torch._dynamo.reset()
+
+
+def test_compiled_blocks_of_one_kind_share_their_graphs():
+    """Every block runs Block.forward, whose graphs dynamo caches together (8 by default, for all
+    blocks): four MoE blocks must take the graphs one takes, not new ones per layer index (which
+    the Transformer passes on only for a KV cache)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from moe_lm.config import ModelConfig, MoEConfig
+    from moe_lm.model.transformer import Transformer
+    from moe_lm.training.step import compile_model
+
+    def graphs(n_layers: int) -> int:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=n_layers, n_heads=2, ffn_hidden=16,
+                                        seq_len=8, moe=MoEConfig(n_experts=4, top_k=2)))
+        forward = compile_model(model, backend=counter)
+        idx = torch.randint(0, 64, (2, 9))
+        forward(idx[:, :-1], idx[:, 1:]).loss.backward()
+        return counter.frame_count
+
+    one, four = graphs(1), graphs(4)
+    assert one >= 1 and four == one, (one, four)
     torch._dynamo.reset()
 
 

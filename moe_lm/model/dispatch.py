@@ -114,15 +114,18 @@ def moe_ffn(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
         token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
         with torch.autocast(dev, enabled=False):
             return _grouped_path(x, token_s, weight_s, counts, w_in, w_down, experts.activation)
-    return _host_sized(x, token, expert, weight, w_in, w_down, experts, path)
+    # NOTE: torch.compiler.disable here, not as a decorator: that would import torch._dynamo into
+    # every process that builds a model (+1.3 s; and torchrun's gloo workers then hung at exit)
+    host_sized = torch.compiler.disable(_host_sized) if torch.compiler.is_compiling() else _host_sized
+    return host_sized(x, token, expert, weight, w_in, w_down, experts, path)
 
 
-@torch.compiler.disable
 def _host_sized(x, token, expert, weight, w_in, w_down, experts, path: Optional[str]) -> torch.Tensor:
     """The "fused" and "padded" paths, which read the slice sizes back to the host (one sync per
-    layer) and loop over them in Python. Outside torch.compile's graph: traced, each new list of
-    sizes made a new graph (a recompile per step until dynamo gave up, docs/PERFORMANCE.md); here
-    the graph breaks once and these paths run as in eager mode."""
+    layer) and loop over them in Python. Under torch.compile they run outside the graph
+    (torch.compiler.disable, in moe_ffn): traced, each new list of sizes made a new graph (a recompile per
+    step until dynamo gave up, docs/PERFORMANCE.md); so the graph breaks there and these paths
+    run as in eager mode."""
     token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
     sizes = counts.tolist()
     path = path or choose_path(x, sizes)

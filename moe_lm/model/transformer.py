@@ -182,7 +182,9 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(start, T, x.dtype)
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
-            x, s = block(x, cos, sin, cache, i)
+            # NOTE: the index matters to a KV cache only; without one it is left out, so that
+            # torch.compile's per-block graphs (training.step.compile_model) do not specialise on it
+            x, s = block(x, cos, sin, cache, i) if cache is not None else block(x, cos, sin)
             if s is not None:
                 stats.append(s)
         if cache is not None:

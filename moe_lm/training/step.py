@@ -67,17 +67,25 @@ def compile_model(model: Transformer, ddp: Any = None, backend: Any = "inductor"
     (`ddp`, torchrun's DDP wrapper of `model`, or None; `backend`: torch.compile's, tests pass a
     lighter one).
 
-    On a GPU the whole model (or its DDP wrapper), one graph: there inductor fuses the MoE layer's
-    routing, sorting and scaling and the head with its loss (small-moe's MoE step 2.5x its eager one
-    on an H200, docs/PERFORMANCE.md).
+    On a GPU the whole model (or its DDP wrapper): there inductor fuses the MoE layer's routing,
+    sorting and scaling and the head with its loss (small-moe's MoE step 2.5x its eager one on an
+    H200 in bf16, docs/PERFORMANCE.md); in bf16 the dispatch takes the grouped_mm path, inside the
+    graph, while float32 and float16 break it once per MoE layer (the host-sized paths).
 
     On a CPU each transformer block is compiled in place (regional compilation, as torchtitan does),
     and the rest stays eager: the fused head and loss (`lm_loss`, faster on a CPU than inductor's
     plain head and cross-entropy, which compiling the whole model put in its place: the demo's dense
     twin ran 1.6x slower) and the MoE dispatch's host-sized paths (`dispatch._host_sized`). The
-    state dict keeps its keys (nn.Module.compile wraps no module)."""
+    state dict keeps its keys (nn.Module.compile wraps no module), and the blocks stay compiled on
+    the model object: evaluation through it is compiled too (one more graph per block kind, for
+    no_grad). All blocks share Block.forward's cache of graphs, one per block kind (MoE or dense),
+    grad mode and shape: an MoE model with dense blocks and its dense twin, trained and evaluated
+    in one process, take 6; dynamo's limit of 8 per function is raised to 32 here, so that a third
+    model in the process (compare-dense --with-dense-total) still compiles instead of falling back
+    to eager."""
     if next(model.parameters()).device.type != "cpu":
         return torch.compile(ddp or model, backend=backend)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for block in model.layers:
         block.compile(backend=backend)
     return ddp or model
