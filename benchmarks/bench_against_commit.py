@@ -44,6 +44,13 @@ import moe_lm  # noqa: E402,F401 - before torch: the OpenMP spin count (moe_lm/_
 import torch  # noqa: E402
 
 
+# what --this may set for this checkout's arms: the step here runs on the CPU in float32 with
+# clipping at 1.0, so device, dtype and grad_clip would be ignored; seed, batch and model keys
+# would change what is timed
+THIS_KEYS = ("train.compile", "train.lr", "train.weight_decay", "train.beta1", "train.beta2",
+             "train.ffn_out_lr_scale")
+
+
 def fail(msg: str) -> None:
     sys.exit(f"error: {msg}")
 
@@ -144,7 +151,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--this", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for this checkout's arms only, e.g. --this train.compile=true "
-                         "(this code compiled against the commit's as it ran by default)")
+                         "(this code compiled against the commit's as it ran by default); keys: "
+                         + ", ".join(THIS_KEYS))
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, for both versions")
     a = ap.parse_intermixed_args(argv)
     for flag, v, lo in (("--rounds", a.rounds, 1), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0)):
@@ -158,9 +166,9 @@ def main(argv=None) -> dict:
 
     for o in a.this:
         key = o.partition("=")[0].strip()
-        if not key.startswith("train.") or key in ("train.batch_size", "train.grad_accum"):
-            fail(f"--this {o}: only train.* settings that keep the batch (both versions time the same "
-                 f"tokens), e.g. --this train.compile=true")
+        if key not in THIS_KEYS:
+            fail(f"--this {o}: only {', '.join(THIS_KEYS)} (settings this script's step uses that leave "
+                 f"the model, its initial weights and the batch alone), e.g. --this train.compile=true")
     try:  # a wrong key or value fails here, before any work
         load_config(a.config, [*a.overrides, *a.this])
         cfg = load_config(a.config, a.overrides)

@@ -37,12 +37,12 @@ def profile_model(name, cfg, dev, amp_dtype, steps: int, top: int) -> dict:
 
     from moe_lm.bench import _train_step, synchronize
     from moe_lm.model.transformer import Transformer
-    from moe_lm.training.step import build_optimizer, seed_everything
+    from moe_lm.training.step import build_optimizer, compile_model, seed_everything
 
     seed_everything(0)
     model = Transformer(cfg.model).to(dev)
     opt = build_optimizer(model, cfg, dev)
-    r = {"model": model, "opt": opt, "fwd": torch.compile(model) if cfg.train.compile else model}
+    r = {"model": model, "opt": opt, "fwd": compile_model(model) if cfg.train.compile else model}
     bs, seq = cfg.train.batch_size // cfg.train.grad_accum, cfg.model.seq_len
     x = torch.randint(0, cfg.model.vocab_size, (bs, seq + 1), generator=torch.Generator().manual_seed(0)).to(dev)
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()

@@ -302,10 +302,24 @@ def test_bench_against_commit_runs_the_issues_commit():
 
 def test_bench_against_commit_refuses_this_only_overrides_that_change_the_batch_or_model(capsys):
     """--this applies to this checkout's arms only, so it may not change what both time (the batch,
-    the model); a wrong value fails before anything is built."""
+    the model, its initial weights) or name what the script ignores (device, dtype); a wrong value
+    fails before anything is built."""
     bac = _bench_against_commit()
-    for bad in ("train.batch_size=8", "model.d_model=32", "train.grad_accum=2"):
-        with pytest.raises(SystemExit, match="only train"):
+    for bad in ("train.batch_size=8", "model.d_model=32", "train.grad_accum=2", "train.seed=3", "train.device=cuda"):
+        with pytest.raises(SystemExit, match="only train.compile"):
             bac.main(["HEAD", "--this", bad, *TINY_ARMS])
     with pytest.raises(SystemExit, match="expected true or false"):
         bac.main(["HEAD", "--this", "train.compile=maybe", *TINY_ARMS])
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs this repository's git history")
+def test_bench_against_commit_applies_this_to_this_checkouts_arms_only(monkeypatch):
+    """--this train.compile=true: this checkout's MoE and dense arms go through its compile_model,
+    the commit's arms (its own package, here HEAD's files) do not."""
+    from moe_lm.training import step
+
+    compiled = []
+    monkeypatch.setattr(step, "compile_model", lambda model, ddp=None: compiled.append(model) or model)
+    r = _bench_against_commit().main(["HEAD", "--this", "train.compile=true", *TINY_ARMS])
+    assert len(compiled) == 2 and {type(m).__module__ for m in compiled} == {"moe_lm.model.transformer"}
+    assert r["this_overrides"] == ["train.compile=true"] and all(v > 0 for v in r["tokens_per_s"].values())
