@@ -123,9 +123,9 @@ def moe_ffn(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
 def _host_sized(x, token, expert, weight, w_in, w_down, experts, path: Optional[str]) -> torch.Tensor:
     """The "fused" and "padded" paths, which read the slice sizes back to the host (one sync per
     layer) and loop over them in Python. Under torch.compile they run outside the graph
-    (torch.compiler.disable, in moe_ffn): traced, each new list of sizes made a new graph (a recompile per
-    step until dynamo gave up, docs/PERFORMANCE.md); so the graph breaks there and these paths
-    run as in eager mode."""
+    (torch.compiler.disable, in moe_ffn): traced, each new list of sizes made a new graph (a
+    recompile per step until dynamo gave up, docs/PERFORMANCE.md); so the graph breaks there and
+    these paths run as in eager mode."""
     token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
     sizes = counts.tolist()
     path = path or choose_path(x, sizes)
