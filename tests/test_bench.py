@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_lm import bench
 from moe_lm.errors import ConfigError
@@ -318,8 +319,13 @@ def test_bench_against_commit_applies_this_to_this_checkouts_arms_only(monkeypat
     the commit's arms (its own package, here HEAD's files) do not."""
     from moe_lm.training import step
 
+    def boom(*args, **kwargs):
+        raise AssertionError("the commit's arms were compiled: --this leaked into them")
+
     compiled = []
     monkeypatch.setattr(step, "compile_model", lambda model, ddp=None: compiled.append(model) or model)
+    monkeypatch.setattr(torch, "compile", boom)  # what the commit's own compile would call
+    monkeypatch.setattr(torch.nn.Module, "compile", boom)
     r = _bench_against_commit().main(["HEAD", "--this", "train.compile=true", *TINY_ARMS])
     assert len(compiled) == 2 and {type(m).__module__ for m in compiled} == {"moe_lm.model.transformer"}
     assert r["this_overrides"] == ["train.compile=true"] and all(v > 0 for v in r["tokens_per_s"].values())

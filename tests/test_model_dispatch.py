@@ -496,3 +496,26 @@ def test_host_sized_paths_under_torch_compile_make_no_graph_per_routing(path):
     assert len(sizes) == 4, "the inputs must route differently for this test to mean anything"
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 3, graphs
     torch._dynamo.reset()
+
+
+def test_an_eager_model_never_imports_dynamo():
+    """torch.compiler.disable is applied only while dynamo traces (moe_ffn), never at import:
+    a process that merely built and ran a model then had torch._dynamo loaded, +1.3 s of import,
+    and torchrun's gloo workers hung at exit in 4 of 6 runs (docs/PERFORMANCE.md). A fresh
+    process: build an MoE model, train one step, and dynamo must still be absent."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from moe_lm.config import ModelConfig, MoEConfig\n"
+        "from moe_lm.model.transformer import Transformer\n"
+        "m = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, ffn_hidden=16, seq_len=8,"
+        " moe=MoEConfig(n_experts=4, top_k=2)))\n"
+        "idx = torch.randint(0, 64, (2, 9))\n"
+        "out = m(idx[:, :-1], idx[:, 1:]); (out.loss + out.aux_loss).backward()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "False"

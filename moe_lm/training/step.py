@@ -80,12 +80,14 @@ def compile_model(model: Transformer, ddp: Any = None, backend: Any = "inductor"
     the model object: evaluation through it is compiled too (one more graph per block kind, for
     no_grad). All blocks share Block.forward's cache of graphs, one per block kind (MoE or dense),
     grad mode and shape: an MoE model with dense blocks and its dense twin, trained and evaluated
-    in one process, take 6; dynamo's limit of 8 per function is raised to 32 here, so that a third
-    model in the process (compare-dense --with-dense-total) still compiles instead of falling back
-    to eager."""
+    in one process, take 6; dynamo's limit of 8 per function is raised to 32 here (for the whole
+    process: compiling happens at call time), so that a third model in the process (compare-dense
+    --with-dense-total) still compiles instead of falling back to eager."""
     if next(model.parameters()).device.type != "cpu":
         return torch.compile(ddp or model, backend=backend)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    dynamo = torch._dynamo.config  # NOTE: recompile_limit from torch 2.7, cache_size_limit before
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 32))
     for block in model.layers:
         block.compile(backend=backend)
     return ddp or model
