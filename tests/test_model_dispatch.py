@@ -501,7 +501,7 @@ def test_host_sized_paths_under_torch_compile_make_no_graph_per_routing(path):
 def test_an_eager_model_never_imports_dynamo():
     """torch.compiler.disable is applied only while dynamo traces (moe_ffn), never at import:
     a process that merely built and ran a model then had torch._dynamo loaded, +1.3 s of import,
-    and torchrun's gloo workers hung at exit in 4 of 6 runs (docs/PERFORMANCE.md). A fresh
+    and torchrun's gloo workers hung at exit in 4 of 6 runs (docs/DISTRIBUTED.md, Exit). A fresh
     process: build an MoE model, train one step, and dynamo must still be absent."""
     import subprocess
     import sys

@@ -115,7 +115,8 @@ def moe_ffn(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
         with torch.autocast(dev, enabled=False):
             return _grouped_path(x, token_s, weight_s, counts, w_in, w_down, experts.activation)
     # NOTE: torch.compiler.disable here, not as a decorator: that would import torch._dynamo into
-    # every process that builds a model (+1.3 s; and torchrun's gloo workers then hung at exit)
+    # every process that builds a model (+1.3 s; and torchrun's gloo workers then hung at exit,
+    # docs/DISTRIBUTED.md)
     host_sized = torch.compiler.disable(_host_sized) if torch.compiler.is_compiling() else _host_sized
     return host_sized(x, token, expert, weight, w_in, w_down, experts, path)
 
