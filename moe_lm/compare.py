@@ -11,7 +11,8 @@ learning-rate sweep in which every variant keeps its own best rate.
 
 Every run lives in `<out>/runs/<variant>-seed<S>/` and is an ordinary training run: a finished
 run is reused, an interrupted one resumes from its checkpoint, so the command can be stopped and
-started again. The final figure per run is the perplexity over *every* validation token
+started again; a run of another train.max_steps (longer, or under another schedule) is refused,
+never extended or reused (`runs.FoundRun.length_problem`). The final figure per run is the perplexity over *every* validation token
 (`evaluation.evaluate_model`, non-overlapping windows), not the trainer's small sample.
 """
 
@@ -28,7 +29,7 @@ from typing import Any, Optional
 
 from . import checks
 from .config import LIMITS, SEED_MAX, Config, config_differences
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .files import write_atomic
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
@@ -109,13 +110,25 @@ def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> 
     return c
 
 
+def _existing_run(cfg: Config, run_dir: Path):
+    """The run of cfg already in run_dir (runs.FoundRun), or None. RunError when it is of another
+    config or another length: reused or resumed, it would not be a run of exactly train.max_steps
+    under one schedule, and the arms' FLOPs would differ; CheckpointError when it is damaged."""
+    from .training.runs import OTHER_CONFIG_FIX, find_run
+
+    found = find_run(run_dir, cfg, asked_by="compare-dense")
+    problem = found.length_problem(cfg.train.max_steps) if found is not None else None
+    if problem is not None:
+        raise RunError(f"{run_dir} holds a run of another length: {problem}", OTHER_CONFIG_FIX["compare-dense"])
+    return found
+
+
 def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> bool:
     """Train cfg into run_dir, resuming a partial run; True when a finished run was reused.
     overwrite: train again from scratch whatever run_dir holds."""
-    from .training.runs import find_run
     from .training.trainer import train
 
-    found = None if overwrite else find_run(run_dir, cfg, asked_by="compare-dense")
+    found = None if overwrite else _existing_run(cfg, run_dir)
     if found is None:
         train(cfg, out_dir=run_dir, overwrite=run_dir.exists(), console=console, plots=False)
         return False
@@ -200,6 +213,17 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
+    # 0. the runs already there, before anything trains: of this config and length, or refused -----
+    seed_list = [cfg.train.seed + i for i in range(seeds)]
+    if not overwrite:
+        planned = [(_run_config(vcfg, cfg.name, v, cfg.train.seed, lr), out / "sweep" / f"{v}-lr{lr:g}")
+                   for v, vcfg in variants.items() for lr in (lr_sweep or [])]
+        if not lr_sweep:  # (after a sweep the seeds' rates are known only once it has run)
+            planned += [(_run_config(vcfg, cfg.name, v, s, cfg.train.lr), out / "runs" / f"{v}-seed{s}")
+                        for s in seed_list for v, vcfg in variants.items()]
+        for rc, run_dir in planned:
+            _existing_run(rc, run_dir)
+
     # 1. learning rate per variant: the config's, or each variant's best of a small sweep ----------
     lrs = {v: cfg.train.lr for v in variants}
     sweep: dict[str, dict[str, float]] = {}
@@ -216,7 +240,6 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
 
     # 2. the seeds, paired: seed s of every variant before seed s + 1 --------------------------------
     runs: list[RunSummary] = []
-    seed_list = [cfg.train.seed + i for i in range(seeds)]
     for s in seed_list:
         for v, vcfg in variants.items():
             rc = _run_config(vcfg, cfg.name, v, s, lrs[v])

@@ -156,7 +156,9 @@ def test_sigterm_stops_compare_dense_with_143_and_the_same_command_continues(tin
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "moe_lm", "compare-dense", "-c", str(ROOT / "configs" / "tiny-moe.yaml"),
            "--seeds", "1", "--out", str(out), "--device", "cpu", *tiny(tiny_data_dir, "train.log_every=1")]
-    proc = subprocess.Popen([*cmd, "train.max_steps=100000"], cwd=tmp_path, stdout=subprocess.PIPE,
+    # 120 steps: still training when the signal comes (it is sent right after step 3), short to finish
+    steps = ["train.max_steps=120", "train.eval_every=60", "train.checkpoint_every=60"]
+    proc = subprocess.Popen([*cmd, *steps], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = out / "runs" / "moe-seed0" / "metrics.jsonl"
     deadline = time.monotonic() + 90
@@ -171,13 +173,66 @@ def test_sigterm_stops_compare_dense_with_143_and_the_same_command_continues(tin
     stopped_at = ckpt_io.read_state(ckpt_io.find_latest(out / "runs" / "moe-seed0"))["step"]
     assert stopped_at >= 3
 
-    # the same command again (in process here), with a budget that ends soon
-    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.log_every=1",
-                                                              f"train.max_steps={stopped_at + 2}"))
+    assert stopped_at < 120
+    # the same command again (in process here)
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.log_every=1", *steps))
     compare_dense(cfg, seeds=1, out_dir=out, device="cpu", console=quiet())
     records = read_metrics(metrics)
     assert [r["event"] for r in records if r["kind"] == "event"].count("resume") == 1
-    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, stopped_at + 3))  # unbroken
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 121))  # unbroken
+
+
+def test_a_run_of_another_length_is_refused_before_anything_trains(tiny_data_dir, tmp_path):
+    # A finished 6-step comparison, then the same command with 4 and with 8 steps into the same
+    # folder. Reusing the 6-step runs would report unequal FLOPs under "equal training FLOPs";
+    # extending them would follow a learning-rate schedule that had already decayed to its end
+    # (what no fresh 8-step run does). Both are refused before anything trains, nothing changed.
+    out = tmp_path / "cmp"
+    compare_dense(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir)), seeds=1, out_dir=out,
+                  console=quiet())
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    for steps, why in ((4, "at step 6, past train.max_steps = 4"),
+                       (8, "its learning-rate schedule ran to train.max_steps = 6, not 8")):
+        other = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, f"train.max_steps={steps}"))
+        with pytest.raises(RunError, match=why) as err:
+            compare_dense(other, seeds=2, out_dir=out, console=quiet())
+        assert "moe-seed0 holds a run of another length" in str(err.value)
+        assert "--overwrite" in err.value.hint
+        assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    # the CLI: one line, exit 2
+    proc = subprocess.run([sys.executable, "-m", "moe_lm", "compare-dense", "-c", str(ROOT / "configs" / "tiny-moe.yaml"),
+                           "--seeds", "1", "--out", str(out), *tiny(tiny_data_dir, "train.max_steps=4")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "past train.max_steps = 4" in lines[0], proc.stderr
+    # --overwrite trains them again, at the asked length
+    report = compare_dense(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.max_steps=4")),
+                           seeds=1, out_dir=out, console=quiet(), overwrite=True)
+    assert [r["tokens"] for r in report["runs"]] == [4 * 4 * 32, 4 * 4 * 32]
+
+
+def test_a_run_extended_by_train_resume_is_not_taken_as_a_run_of_its_new_length(tiny_data_dir, tmp_path):
+    from moe_lm.training.runs import find_run
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "model.vocab_size=512"))
+    run = train(cfg, out_dir=tmp_path / "run", console=quiet(), plots=False).run_dir
+    assert find_run(run, cfg).schedules == [6]
+    longer = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "model.vocab_size=512",
+                                                                               "train.max_steps=9"))
+    train(longer, out_dir=run, resume="auto", console=quiet(), plots=False)  # what `train` allows
+    found = find_run(run, longer)
+    assert found.step == 9 and found.finished and found.schedules == [6, 9]
+    with pytest.raises(RunError, match="ran to train.max_steps = 6, then 9, not 9"):
+        compare_dense(longer, seeds=1, out_dir=tmp_path / "a", console=quiet(), reuse_moe=run)
+    with pytest.raises(RunError, match="at step 9, past train.max_steps = 6"):
+        compare_dense(cfg, seeds=1, out_dir=tmp_path / "b", console=quiet(), reuse_moe=run)
+    # a checkpoint written before the record existed: its config.yaml's max_steps stands in
+    state_file = found.checkpoint / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["max_steps_history"]
+    state_file.write_text(json.dumps(state))
+    assert find_run(run, longer).schedules == [9]
 
 
 def test_cli_refuses_a_dense_config_in_one_line():

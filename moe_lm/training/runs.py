@@ -23,11 +23,12 @@ import platform
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from .. import __version__, checks, distributed
 from ..config import Config, dump_yaml
@@ -52,11 +53,36 @@ class FoundRun:
 
     checkpoint: Path  # the run's latest checkpoint (or the checkpoint folder asked about)
     state: dict  # its state.json, every file checked against it
-    finished: bool  # its step reached the config's train.max_steps
+    finished: bool  # its step reached the config's train.max_steps (see length_problem for "exactly")
 
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+    @property
+    def schedules(self) -> list[int]:
+        """The train.max_steps of each learning-rate schedule the run was trained under, in order
+        (one unless `train --resume` changed it; the cosine decay ends at max_steps, so a run
+        extended that way followed a bent schedule). Checkpoints that predate the record: the
+        max_steps in the checkpoint's config.yaml; [] when that cannot be read."""
+        if "max_steps_history" in self.state:
+            return [int(n) for n in self.state["max_steps_history"]]
+        try:
+            saved = yaml.safe_load((self.checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
+            return [int(saved["train"]["max_steps"])]
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+            return []
+
+    def length_problem(self, max_steps: int) -> Optional[str]:
+        """Why this run cannot stand for a run of exactly `max_steps` steps (finished, or
+        interrupted and resumed with the same schedule), or None when it can. compare-dense's
+        rule: every arm is trained to train.max_steps under that one schedule (equal FLOPs)."""
+        if self.step > max_steps:
+            return f"it is at step {self.step}, past train.max_steps = {max_steps}"
+        if self.schedules and self.schedules != [max_steps]:
+            ran = ", then ".join(str(n) for n in self.schedules)
+            return f"its learning-rate schedule ran to train.max_steps = {ran}, not {max_steps}"
+        return None
 
 
 def find_run(where: Path | str, cfg: Config, asked_by: str = "train") -> Optional[FoundRun]:
@@ -99,6 +125,10 @@ def finished_run(src: Path, cfg: Config) -> FoundRun:
     there is none, it is of another config, or it stopped before train.max_steps."""
     check_reusable(src)
     found = find_run(src, cfg, asked_by="--reuse-moe")
+    problem = found.length_problem(cfg.train.max_steps)
+    if problem is not None:
+        raise RunError(f"--reuse-moe {src} is not a run of train.max_steps = {cfg.train.max_steps}: {problem}",
+                       "give compare-dense the run's own train.max_steps, or pass a run trained to this one")
     if not found.finished:
         raise RunError(f"--reuse-moe {src} stopped at step {found.step} of {cfg.train.max_steps}",
                        f"finish it first (moe-lm train --config ... --resume auto --out {src})")
@@ -123,6 +153,7 @@ class Progress:
     tokens: int = 0  # training tokens seen, over all resumes
     wall_s: float = 0.0  # training seconds over all resumes (evaluations, checkpoints, logging excluded)
     last_val: Optional[dict] = None  # the last evaluation: step, val_loss, val_ppl
+    schedules: list[int] = field(default_factory=list)  # FoundRun.schedules, this session's max_steps last
 
     @property
     def flops(self) -> float:
@@ -191,8 +222,13 @@ class Checkpointer:
         fresh). Every rank loads the single-process checkpoint (expert parallel: its experts)."""
         self.parts, self.alarm = parts, alarm
         progress = Progress(flops_per_token)
+        max_steps = self.cfg.train.max_steps
         if self.start is None:
+            progress.schedules = [max_steps]
             return progress
+        progress.schedules = self.start.schedules
+        if progress.schedules[-1:] != [max_steps]:
+            progress.schedules.append(max_steps)
         ckpt = self.start.checkpoint
         layout = distributed.LocalLayout(parts.model, parts.optimizer) if parts.expert_parallel else None
         st = ckpt_io.load_checkpoint(ckpt, parts.model, parts.optimizer, scaler=parts.scaler,
@@ -243,7 +279,7 @@ class Checkpointer:
         self.saved_step = progress.step
         state = {"tokens": progress.tokens, "wall_s": progress.wall_s, "flops": progress.flops,
                  "next_batch_index": progress.step, "data_seed": t.seed, "alarm": self.alarm.state_dict(),
-                 "last_val": progress.last_val}
+                 "last_val": progress.last_val, "max_steps_history": progress.schedules}
         weights, opt_state = (distributed.full_states(parts.model, parts.optimizer, self.ctx) if parts.expert_parallel
                               else (None, None))
         path = self.run_dir / "checkpoints" / ckpt_io.step_dir_name(progress.step)
