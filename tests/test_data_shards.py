@@ -135,3 +135,18 @@ def test_token_dtype_is_uint16_while_every_id_fits():
 
     assert token_dtype(512) == token_dtype(65536) == "uint16"  # ids 0..65535
     assert token_dtype(65537) == "uint32"
+
+
+def test_a_token_id_past_the_vocabulary_is_named_when_the_split_is_opened(tiny_data_dir, tmp_path):
+    # a file changed after prepare without changing its size (bit rot, a bad copy): the sizes
+    # match meta.json, so only the ids can tell; left alone it was an IndexError in the embedding
+    d = _copy(tiny_data_dir, tmp_path / "d")
+    data = TokenData.open(d)
+    ids = np.fromfile(d / "train.bin", dtype=data.dtype)
+    ids[len(ids) // 2] = data.vocab_size  # one past the last id
+    ids.tofile(d / "train.bin")
+    data = TokenData.open(d)  # sizes unchanged: opening succeeds
+    assert len(data.split("val")) > 0
+    with pytest.raises(DataError, match=rf"train\.bin holds token id {data.vocab_size}, but the vocabulary has "
+                                        rf"{data.vocab_size} tokens .*moe-lm prepare"):
+        data.split("train")

@@ -202,3 +202,23 @@ def test_a_checkpoint_whose_tokenizer_copy_is_damaged_is_a_checkpoint_error(fini
     loaded.tokenizer_path = bad
     with pytest.raises(CheckpointError, match=str(bad)):
         loaded.tokenizer()
+
+
+def test_a_token_file_with_an_id_past_the_vocabulary_is_one_line_exit_2_and_deletes_nothing(
+        finished_run, tiny_data_dir, tmp_path):
+    # same size, so meta.json's sizes match; before the check this was "unexpected error: IndexError"
+    # (exit 1) after --overwrite had already deleted the run folder
+    import numpy as np
+
+    from moe_lm.data.shards import TokenData
+
+    data = _copy(tiny_data_dir, tmp_path / "data")
+    dtype = TokenData.open(data).dtype
+    ids = np.fromfile(data / "train.bin", dtype=dtype)
+    ids[:5] = 60000
+    ids.tofile(data / "train.bin")
+    run = _copy(finished_run, tmp_path)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = moe_lm_train("--config", str(TINY_MOE), "--out", str(run), *tiny(data), "--overwrite", cwd=tmp_path)
+    assert_one_line_error(proc, "train.bin holds token id 60000", "moe-lm prepare")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

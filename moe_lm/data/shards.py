@@ -126,13 +126,22 @@ class TokenData:
         return list(self.meta["splits"])
 
     def split(self, name: str) -> np.ndarray:
-        """The token ids of split `name` as a read-only memmap, shape [n_tokens]."""
+        """The token ids of split `name` as a read-only memmap, shape [n_tokens]. DataError when the
+        split is missing or holds an id ≥ vocab_size (checked once, at the first call)."""
         if name not in self.meta["splits"]:
             raise DataError(f"data folder {self.dir} has no {name} split, only {', '.join(self.splits)}",
                             "pick one of those, or prepare again: --test-fraction 0.02 adds a test split")
         if name not in self._splits:
             info = self.meta["splits"][name]
-            self._splits[name] = _memmap(self.dir / info["file"], self.dtype, info["tokens"])
+            tokens = _memmap(self.dir / info["file"], self.dtype, info["tokens"])
+            # NOTE: open() checks sizes, not contents; an id past the vocabulary (a file changed
+            # after prepare, same size) would otherwise be an IndexError deep in the embedding,
+            # after a run folder was already set up. One read of the file: the demo's 3.4M ids, ~15 ms.
+            top = int(tokens.max()) if len(tokens) else -1
+            if top >= self.vocab_size:
+                raise DataError(f"{self.dir / info['file']} holds token id {top}, but the vocabulary has "
+                                f"{self.vocab_size} tokens (the file was changed after prepare)", PREPARE_HINT)
+            self._splits[name] = tokens
         return self._splits[name]
 
     def domains(self, name: str) -> Optional[np.ndarray]:
