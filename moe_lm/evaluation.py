@@ -517,6 +517,10 @@ def write_outputs(report: EvalReport, out_dir: Path, title: str = "") -> dict:
     return files
 
 
+# the routing table's width besides the load bars (layer, five figures, dead/starved, borders: 77 at E = 32)
+ROUTING_FIGURES_WIDTH = 80
+
+
 def render_report(report: EvalReport, console, files: Optional[dict] = None, top_domains: int = 6) -> None:
     """The console view: perplexity, the routing table, specialisation."""
     from rich.table import Table
@@ -535,15 +539,24 @@ def render_report(report: EvalReport, console, files: Optional[dict] = None, top
                   caption=f"load: one bar per expert (0..{E - 1}), full height = twice the fair share; CV of importance "
                           f"and load and max/mean load as in Shazeer et al. 2017, Table 6; entropy in nats "
                           f"(uniform = {math.log(E):.2f}); starved = under {STARVED:g} x the fair share")
-        t.add_column("layer", justify="right")
-        t.add_column("load", no_wrap=True, min_width=min(E, 64))
-        for col in ("CV imp", "CV load", "max/ mean", "drop %", "entropy", "dead/ starved"):
-            t.add_column(col, justify="right")
+        # NOTE: the figures never shrink to "0.…": on a console too narrow for the bars beside them
+        # (80 columns, or a pipe, hold 32 experts' bars or the figures, not both) the bars go below
+        bars_beside = console.width >= min(E, 64) + ROUTING_FIGURES_WIDTH
+        t.add_column("layer", justify="right", no_wrap=True)
+        if bars_beside:
+            t.add_column("load", no_wrap=True, min_width=min(E, 64))
+        for col in ("CV imp", "CV load", "max/ mean", "drop %", "entropy"):
+            t.add_column(col, justify="right", no_wrap=True, min_width=5)
+        t.add_column("dead/ starved", justify="right")
         for lr in report.layers:
             flags = ", ".join([f"dead {e}" for e in lr.dead] + [f"starved {e}" for e in lr.starved if e not in lr.dead])
-            t.add_row(str(lr.layer), heat_row(lr.load_share), f"{lr.cv_importance:.3f}", f"{lr.cv_load:.3f}",
-                      f"{lr.max_mean:.2f}", f"{lr.dropped_pct:.2f}", f"{lr.entropy:.3f}", flags or "-")
+            t.add_row(str(lr.layer), *([heat_row(lr.load_share)] if bars_beside else []), f"{lr.cv_importance:.3f}",
+                      f"{lr.cv_load:.3f}", f"{lr.max_mean:.2f}", f"{lr.dropped_pct:.2f}", f"{lr.entropy:.3f}",
+                      flags or "-")
         console.print(t)
+        if not bars_beside:
+            for lr in report.layers:
+                console.print(f"load, layer {lr.layer}: ", heat_row(lr.load_share), sep="", soft_wrap=True)
         last = report.layers[-1]
         s = Table(title=f"specialisation, layer {last.layer}: the tokens each expert receives", title_justify="left",
                   caption="most often: by count; most selectively: share of the token's occurrences sent to this "
@@ -562,15 +575,25 @@ def render_report(report: EvalReport, console, files: Optional[dict] = None, top
             total = sum(last.domain_assignments.values())
             big = [(k, v) for k, v in last.domain_share.items() if last.domain_assignments[k] >= 0.01 * total]
             doms = sorted(big, key=lambda kv: -max(kv[1]))[:top_domains]
-            d = Table(title=f"domains, layer {last.layer}: share of each domain's assignments per expert "
-                            f"(the {len(doms)} most specialised of the {len(big)} domains with ≥ 1% of the tokens; "
-                            f"uniform = {1 / E:.0%})", title_justify="left")
-            d.add_column("domain")
-            for e in range(E):
-                d.add_column(str(e), justify="right")
-            for name, row in doms:
-                top = max(row)
-                d.add_row(name, *[(f"[bold]{v:.0%}[/]" if v == top else f"{v:.0%}") for v in row])
+            title = (f"domains, layer {last.layer}: share of each domain's assignments per expert (the {len(doms)} "
+                     f"most specialised of the {len(big)} domains with ≥ 1% of the tokens; uniform = {1 / E:.0%})")
+            cells = [max([len(f"{row[e]:.0%}") for _, row in doms] + [len(str(e))]) for e in range(E)]
+            grid_width = max([len(name) for name, _ in doms] + [6]) + 4 + sum(c + 3 for c in cells)
+            if console.width >= grid_width:  # a column per expert fits: the whole grid
+                d = Table(title=title, title_justify="left")
+                d.add_column("domain", no_wrap=True)
+                for e in range(E):
+                    d.add_column(str(e), justify="right", no_wrap=True)
+                for name, row in doms:
+                    top = max(row)
+                    d.add_row(name, *[(f"[bold]{v:.0%}[/]" if v == top else f"{v:.0%}") for v in row])
+            else:  # too narrow for E columns (they would shrink to nothing): each domain's top experts
+                d = Table(title=title.replace("per expert", "to its top experts"), title_justify="left")
+                d.add_column("domain", no_wrap=True)
+                d.add_column("experts by share")
+                for name, row in doms:
+                    top = sorted(range(E), key=lambda e: -row[e])[:6]
+                    d.add_row(name, "  ".join(f"{e}: {row[e]:.0%}" for e in top))
             console.print(d)
     if files:
         console.print("wrote " + ", ".join(str(p) for p in files.values()), highlight=False, soft_wrap=True)

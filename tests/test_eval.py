@@ -179,6 +179,39 @@ def test_render_report_shows_perplexity_routing_and_specialisation(run):
     assert (run.run_dir / "evalout" / "plots" / "eval_expert_load.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("width", [60, 80, 200])
+@pytest.mark.parametrize("experts", [4, 32])
+def test_render_report_keeps_every_figure_readable_at_any_width(run, width, experts):
+    # 80 columns is a pipe, a log file, `make demo | tee`: with the demo's 32 experts the figures
+    # used to shrink to "0.…" beside the load bars, and the domains x experts grid to borders with
+    # nothing in them. 32 experts: the run's report with every per-expert list repeated 8 times.
+    import dataclasses
+
+    report, _ = run_eval(run.run_dir, n_batches=2, device="cpu")
+    if experts != len(report.layers[0].load):
+        k = experts // len(report.layers[0].load)
+        report.layers = [dataclasses.replace(
+            lr, load=lr.load * k, load_share=[v / k for v in lr.load_share] * k,
+            top_tokens=lr.top_tokens * k, selective_tokens=lr.selective_tokens * k,
+            domain_share={n: [v / k for v in row] * k for n, row in lr.domain_share.items()})
+            for lr in report.layers]
+    buf = io.StringIO()
+    render_report(report, Console(file=buf, width=width), None)
+    text = buf.getvalue()
+    for lr in report.layers:
+        for figure in (f"{lr.cv_importance:.3f}", f"{lr.cv_load:.3f}", f"{lr.max_mean:.2f}", f"{lr.entropy:.3f}"):
+            assert figure in text, (width, figure)
+    table = text.split("specialisation")[0]
+    assert "…" not in table
+    assert table.count("▁") + sum(table.count(c) for c in "▂▃▄▅▆▇█") >= len(report.layers) * len(report.layers[0].load)
+    last = report.layers[-1]
+    assert last.domain_share, "the tiny corpus has domains"
+    shown = [name for name in last.domain_share if name in text]
+    assert shown, text
+    for name in shown:  # its largest share is printed, whichever layout was chosen
+        assert f"{max(last.domain_share[name]):.0%}" in text.split(name, 1)[1].splitlines()[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # the command and its errors
 
