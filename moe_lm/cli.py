@@ -46,7 +46,7 @@ def options_of(cls: type):
         fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
         added = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
                                    default=typer.Option(f.default, "--" + f.name.replace("_", "-"),
-                                                        help=f.metadata["help"],
+                                                        help=escape(f.metadata["help"]),
                                                         show_default=f.metadata.get("show_default", True)))
                  for f in fields]
         signature = inspect.signature(command, eval_str=True)
@@ -163,10 +163,10 @@ def train(
 def eval_cmd(
     path: Path = typer.Argument(..., help="A run folder (its latest checkpoint) or a checkpoint folder.", show_default=False),
     split: str = typer.Option("val", "--split", help="Split to evaluate: val | test | train."),
-    batches: Optional[int] = typer.Option(None, "--batches", help="A fixed seeded sample of N batches [default: the run's own evaluation sample, train.eval_batches].", show_default=False),
+    batches: Optional[int] = typer.Option(None, "--batches", help="A fixed seeded sample of N batches \\[default: the run's own evaluation sample, train.eval_batches].", show_default=False),
     all_tokens: bool = typer.Option(False, "--all", help="Every token of the split once (non-overlapping windows)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Data folder [default: the run's data.dir]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json and plots/ go [default: the run folder]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data folder \\[default: the run's data.dir]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json and plots/ go \\[default: the run folder]."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
     json_out: bool = typer.Option(False, "--json", help="Print eval.json instead of the tables."),
     html: Optional[str] = typer.Option(None, "--html", metavar="[PATH.html]", help="Also write the routing page: each token of a few passages coloured by its experts, one self-contained HTML file (default: routing.html beside eval.json; a path given must end in .html, or use --html=PATH).", show_default=False),
@@ -204,7 +204,7 @@ def compare_dense_cmd(
     seeds: int = typer.Option(3, "--seeds", help="Seeds per model (train.seed, +1, ...); the spread decides the verdict (a win needs at least 3)."),
     with_dense_total: bool = typer.Option(False, "--with-dense-total", help="Also train a dense model with as many total parameters as the MoE (an upper reference)."),
     lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Comma-separated learning rates, e.g. 1e-3,3e-3,6e-3: each model keeps its own best (seed train.seed) for all seeds.", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: runs/compare-<name>/]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder \\[default: runs/compare-<name>/]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs that exist instead of reusing or resuming them."),
     reuse_moe: Optional[Path] = typer.Option(None, "--reuse-moe", help="A finished `moe-lm train` run of this config (e.g. runs/tiny-moe): copied in as the MoE's first seed instead of training it again.", show_default=False),
     device: str = typer.Option("auto", "--device", help="Device for the final evaluations: auto | cpu | cuda | mps (training follows train.device)."),
@@ -235,7 +235,7 @@ def compare_dense_cmd(
 def info(
     config: Path = typer.Option(..., "--config", "-c", help="A YAML config (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size [default: model.vocab_size, else the data folder's, else data.vocab_size, else 8192 (prepare's default); the output says which]."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size \\[default: model.vocab_size, else the data folder's, else data.vocab_size, else 8192 (prepare's default); the output says which]."),
 ) -> None:
     """Total vs active parameters, FLOPs per token, the dense twin, and a training-memory estimate."""
     from . import checks
@@ -267,7 +267,7 @@ def bench_layer_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | grouped_mm where this torch has it (default: the measured rule)."),
+    dispatch: Optional[str] = typer.Option(None, "--dispatch", help="Force a dispatch path: fused | padded | grouped_mm where this torch has it (default: the measured rule)."),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time transformers' MixtralSparseMoeBlock when installed."),
     tune_malloc: bool = typer.Option(False, "--tune-malloc", help="glibc: keep freed memory in the heap (no page faults on large allocations), for every contender."),
     busy: int = typer.Option(0, "--busy", help="Run this many busy-loop processes beside the measurement (a machine that is not quiet)."),
@@ -353,16 +353,17 @@ def generate(
 
 @bench_app.command("train")
 def bench_train_cmd(
-    config: Path = typer.Option(Path("configs/tiny-moe.yaml"), "--config", "-c", help="An MoE config."),
+    config: Path = typer.Option(Path("configs/tiny-moe.yaml"), "--config", "-c", help="A config: an MoE one is timed against its dense twin, a dense one alone."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     steps: int = typer.Option(5, "--steps", help="Optimizer steps per timed round."),
     rounds: int = typer.Option(5, "--rounds", help="Timed rounds per model, alternating (the median counts)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed steps per model first."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps [default: the config's train.device]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps \\[default: the config's train.device]."),
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Training tokens/s of a config's model and of its dense twin, alternating in one process;
-    their ratio, model FLOP utilisation against the measured matmul peak, and peak memory."""
+    their ratio, model FLOP utilisation against the measured matmul peak, and peak memory. A
+    dense config is timed alone."""
     import json
 
     from .bench import bench_train, render_train
@@ -378,7 +379,7 @@ def bench_train_cmd(
 
 @bench_app.command("prepare")
 def bench_prepare_cmd(
-    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Cap the corpus [default: all of it]."),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Cap the corpus \\[default: all of it]."),
     vocab_size: int = typer.Option(8192, "--vocab-size", help="BPE vocabulary to train."),
     repeats: int = typer.Option(1, "--repeats", help="Runs (the median counts)."),
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),

@@ -92,3 +92,19 @@ def test_the_issues_three_typos_from_a_real_shell():
                               timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert "Usage: " in proc.stderr and fragment in proc.stderr and "this is a bug" not in proc.stderr
+
+
+@pytest.mark.parametrize("path, cmd", LEAVES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_every_options_help_is_shown_whole(path, cmd):
+    # rich markup took "[default: the run's data.dir]" for a style tag and dropped it: the help read
+    # "Data folder ." - every bracketed part of every option's help must reach the screen
+    import re
+
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400"}, terminal_width=400)
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.split())
+    for param in cmd.params:
+        for part in re.findall(r"\[[^\]]*\]", getattr(param, "help", None) or ""):
+            assert " ".join(part.replace("\\[", "[").split()) in shown, (param.name, part)
