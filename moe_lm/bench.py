@@ -453,7 +453,8 @@ def _throughput(r: dict, batch_tokens: int, peak: float) -> dict:
 def render_train(r: dict, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"training throughput: {r.get('name', 'model')} vs its dense twin "
+    pair = len(r["models"]) > 1  # a dense config has no twin: its own figures only
+    t = Table(title=f"training throughput: {r.get('name', 'model')}{' vs its dense twin' if pair else ' (dense: no twin)'} "
                     f"({r['device']}, {r['precision']}, {r['threads']} threads, {r['batch_tokens']:,} tokens/step, "
                     f"vocab {r['vocab_size']:,})",
               title_justify="left")
@@ -470,7 +471,8 @@ def render_train(r: dict, console) -> None:
     if "moe_over_dense_tokens_per_s" in r:
         console.print(f"MoE / dense tokens/s: {r['moe_over_dense_tokens_per_s']:.3f}", highlight=False)
     if r.get("peak_rss_bytes"):
-        console.print(f"peak resident memory of this process (both models): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
+        console.print(f"peak resident memory of this process{' (both models)' if pair else ''}: "
+                      f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB",
                       highlight=False)
 
 

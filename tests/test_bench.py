@@ -241,6 +241,24 @@ def test_bench_train_measures_the_configs_vocabulary_before_prepare(tmp_path):
         bench.bench_train(cfg, vocab_size=0, steps=1, rounds=1, warmup=0, device="cpu")
 
 
+def test_bench_train_on_a_dense_config_times_it_alone_and_says_so(tmp_path):
+    # it printed "tiny-dense vs its dense twin" over one row, and "(both models)"
+    import io
+
+    from rich.console import Console
+
+    from moe_lm.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny-dense.yaml", [f"data.dir={tmp_path}", "model.d_model=16",
+                                                            "model.n_heads=2", "model.seq_len=8", "train.batch_size=2"])
+    r = bench.bench_train(cfg, steps=1, rounds=1, warmup=0, device="cpu")
+    assert list(r["models"]) == ["dense"] and "moe_over_dense_tokens_per_s" not in r
+    buf = io.StringIO()
+    bench.render_train(r, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "(dense: no twin)" in text and "twin " not in text.replace("no twin)", "") and "both models" not in text
+
+
 TINY_ARMS = ["--rounds", "2", "--steps", "1", "--warmup", "0", "model.d_model=16", "model.n_heads=2",
              "model.seq_len=8", "model.ffn_hidden=8", "model.moe.n_experts=4", "model.moe.top_k=2",
              "train.batch_size=2", "model.vocab_size=64"]
