@@ -412,6 +412,26 @@ def config_warnings(cfg: Config) -> list[str]:
 # public entry points
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark):
+        super().__init__(f"key {key!r} appears twice")
+        self.key, self.problem_mark = key, mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last one silently, so `lr: 1e-3` further down would quietly override the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- `key=value` overrides, then validate."""
     data: dict = {}
@@ -422,7 +442,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}", "see configs/ for the shipped configs")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_StrictLoader)
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: key {exc.key!r} appears twice in one section (line "
+                              f"{exc.problem_mark.line + 1}); YAML would keep only the last",
+                              "delete one of them") from exc
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -79,6 +79,18 @@ def test_missing_or_malformed_config_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
+    # PyYAML keeps the last of two equal keys without a word: the lr a user reads first is not the
+    # one that trains
+    (tmp_path / "dup.yaml").write_text("name: x\ntrain:\n  lr: 1.0e-3\n  max_steps: 5\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice in one section \(line 5\)"):
+        load_config(tmp_path / "dup.yaml")
+    # the same key in two sections is two keys
+    (tmp_path / "ok.yaml").write_text("name: x\ndata:\n  vocab_size: 600\nmodel:\n  vocab_size: 512\n")
+    ok = load_config(tmp_path / "ok.yaml")
+    assert (ok.data.vocab_size, ok.model.vocab_size) == (600, 512)
+
+
 def moe_lm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moe_lm", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120)
