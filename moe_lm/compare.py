@@ -102,6 +102,14 @@ def variant_configs(cfg: Config, with_dense_total: bool = False) -> dict[str, Co
     return out
 
 
+def _sweep_dir(out: Path, variant: str, lr: float) -> Path:
+    return out / "sweep" / f"{variant}-lr{lr:g}"
+
+
+def _seed_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / f"{variant}-seed{seed}"
+
+
 def _run_config(base: Config, name: str, variant: str, seed: int, lr: float) -> Config:
     c = copy.deepcopy(base)
     c.train.seed = seed
@@ -139,10 +147,13 @@ def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> boo
 
 
 def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
-    """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe)."""
+    """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe), in place
+    of what run_dir holds; src is checked first (runs.finished_run), so a refusal deletes nothing."""
     from .training.runs import finished_run
 
     finished_run(src, cfg)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.with_name(run_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("eval.json", "plots"))
@@ -215,11 +226,15 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
 
     # 0. the runs already there, before anything trains: of this config and length, or refused -----
     seed_list = [cfg.train.seed + i for i in range(seeds)]
+    if not lr_sweep and reuse_moe is not None:  # (after a sweep the seeds' rates are known only once it has run)
+        from .training.runs import finished_run
+
+        finished_run(Path(reuse_moe), _run_config(variants["moe"], cfg.name, "moe", cfg.train.seed, cfg.train.lr))
     if not overwrite:
-        planned = [(_run_config(vcfg, cfg.name, v, cfg.train.seed, lr), out / "sweep" / f"{v}-lr{lr:g}")
+        planned = [(_run_config(vcfg, cfg.name, v, cfg.train.seed, lr), _sweep_dir(out, v, lr))
                    for v, vcfg in variants.items() for lr in (lr_sweep or [])]
-        if not lr_sweep:  # (after a sweep the seeds' rates are known only once it has run)
-            planned += [(_run_config(vcfg, cfg.name, v, s, cfg.train.lr), out / "runs" / f"{v}-seed{s}")
+        if not lr_sweep:
+            planned += [(_run_config(vcfg, cfg.name, v, s, cfg.train.lr), _seed_dir(out, v, s))
                         for s in seed_list for v, vcfg in variants.items()]
         for rc, run_dir in planned:
             _existing_run(rc, run_dir)
@@ -232,7 +247,7 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
             sweep[v] = {}
             for lr in lr_sweep:
                 rc = _run_config(vcfg, cfg.name, v, cfg.train.seed, lr)
-                run_dir = out / "sweep" / f"{v}-lr{lr:g}"
+                run_dir = _sweep_dir(out, v, lr)
                 console.rule(f"lr sweep: {VARIANT_LABELS[v]}, lr {lr:g}")
                 _train_or_reuse(rc, run_dir, console, overwrite)
                 sweep[v][f"{lr:g}"] = _final_eval(run_dir, device)["loss"]
@@ -243,12 +258,10 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
     for s in seed_list:
         for v, vcfg in variants.items():
             rc = _run_config(vcfg, cfg.name, v, s, lrs[v])
-            run_dir = out / "runs" / f"{v}-seed{s}"
+            run_dir = _seed_dir(out, v, s)
             console.rule(f"{VARIANT_LABELS[v]}, seed {s} ({seed_list.index(s) + 1}/{len(seed_list)})")
             adopt = reuse_moe is not None and v == "moe" and s == cfg.train.seed
             if adopt and (overwrite or not run_dir.exists()):
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.parent.mkdir(parents=True, exist_ok=True)
                 _adopt_run(Path(reuse_moe), rc, run_dir)
                 console.print(f"the MoE's seed {s} is the run {reuse_moe} (copied to {run_dir})", highlight=False)
             reused = _train_or_reuse(rc, run_dir, console, overwrite and not adopt)

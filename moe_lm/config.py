@@ -425,10 +425,15 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged by the base class
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise _DuplicateKey(key, key_node.start_mark)
-            seen.add(key)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key (a list): the base class names that error
+                pass
         return super().construct_mapping(node, deep=deep)
 
 

@@ -180,6 +180,8 @@ def test_sigterm_stops_compare_dense_with_143_and_the_same_command_continues(tin
     records = read_metrics(metrics)
     assert [r["event"] for r in records if r["kind"] == "event"].count("resume") == 1
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 121))  # unbroken
+    # resumed on its own schedule: one entry, not [120, 120]
+    assert ckpt_io.read_state(ckpt_io.find_latest(out / "runs" / "moe-seed0"))["max_steps_history"] == [120]
 
 
 def test_a_run_of_another_length_is_refused_before_anything_trains(tiny_data_dir, tmp_path):
@@ -206,6 +208,16 @@ def test_a_run_of_another_length_is_refused_before_anything_trains(tiny_data_dir
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "past train.max_steps = 4" in lines[0], proc.stderr
+    # a bad run that is not the first to train is refused before the first trains (seed 1's runs
+    # from a 4-step comparison that started at seed 1, then 2 seeds from seed 0 at 6 steps)
+    other = tmp_path / "cmp-seed1"
+    compare_dense(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.seed=1",
+                                                                      "train.max_steps=4")),
+                  seeds=1, out_dir=other, console=quiet())
+    with pytest.raises(RunError, match="moe-seed1 holds a run of another length: its learning-rate schedule ran to train.max_steps = 4, not 6"):
+        compare_dense(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir)), seeds=2, out_dir=other,
+                      console=quiet())
+    assert not (other / "runs" / "moe-seed0").exists()
     # --overwrite trains them again, at the asked length
     report = compare_dense(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.max_steps=4")),
                            seeds=1, out_dir=out, console=quiet(), overwrite=True)
@@ -220,6 +232,8 @@ def test_a_run_extended_by_train_resume_is_not_taken_as_a_run_of_its_new_length(
     assert find_run(run, cfg).schedules == [6]
     longer = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "model.vocab_size=512",
                                                                                "train.max_steps=9"))
+    train(longer, out_dir=run, resume="auto", console=quiet(), plots=False, stop_after=6)  # no step trained
+    assert find_run(run, longer).schedules == [6]
     train(longer, out_dir=run, resume="auto", console=quiet(), plots=False)  # what `train` allows
     found = find_run(run, longer)
     assert found.step == 9 and found.finished and found.schedules == [6, 9]
@@ -227,6 +241,13 @@ def test_a_run_extended_by_train_resume_is_not_taken_as_a_run_of_its_new_length(
         compare_dense(longer, seeds=1, out_dir=tmp_path / "a", console=quiet(), reuse_moe=run)
     with pytest.raises(RunError, match="at step 9, past train.max_steps = 6"):
         compare_dense(cfg, seeds=1, out_dir=tmp_path / "b", console=quiet(), reuse_moe=run)
+    # refused with --overwrite too, before the MoE seed already there is deleted
+    good = train(cfg, out_dir=tmp_path / "good", console=quiet(), plots=False).run_dir
+    compare_dense(cfg, seeds=1, out_dir=tmp_path / "c", console=quiet(), reuse_moe=good)
+    kept = tmp_path / "c" / "runs" / "moe-seed0" / "checkpoints" / "step-0000006" / "model.safetensors"
+    with pytest.raises(RunError, match="extended by `train --resume`"):
+        compare_dense(longer, seeds=1, out_dir=tmp_path / "c", console=quiet(), reuse_moe=run, overwrite=True)
+    assert kept.read_bytes() == (good / "checkpoints" / "step-0000006" / "model.safetensors").read_bytes()
     # a checkpoint written before the record existed: its config.yaml's max_steps stands in
     state_file = found.checkpoint / "state.json"
     state = json.loads(state_file.read_text())

@@ -89,6 +89,14 @@ def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
     (tmp_path / "ok.yaml").write_text("name: x\ndata:\n  vocab_size: 600\nmodel:\n  vocab_size: 512\n")
     ok = load_config(tmp_path / "ok.yaml")
     assert (ok.data.vocab_size, ok.model.vocab_size) == (600, 512)
+    # YAML merge keys still merge (a later key wins over the merged one, as YAML says)
+    (tmp_path / "merge.yaml").write_text("train:\n  <<: {lr: 1.0e-3, max_steps: 5}\n  max_steps: 7\n")
+    merged = load_config(tmp_path / "merge.yaml")
+    assert (merged.train.lr, merged.train.max_steps) == (1.0e-3, 7)
+    # a key YAML cannot use (a list) stays a one-line ConfigError, not a crash
+    (tmp_path / "listkey.yaml").write_text("? [1, 2]\n: 3\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line 1"):
+        load_config(tmp_path / "listkey.yaml")
 
 
 def moe_lm(*args: str, cwd: Path) -> subprocess.CompletedProcess:

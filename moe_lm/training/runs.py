@@ -17,6 +17,7 @@ saves checkpoints (`save`). Under torchrun every rank plans and restores; rank 0
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -59,19 +60,24 @@ class FoundRun:
     def step(self) -> int:
         return int(self.state["step"])
 
-    @property
+    @functools.cached_property
     def schedules(self) -> list[int]:
         """The train.max_steps of each learning-rate schedule the run was trained under, in order
         (one unless `train --resume` changed it; the cosine decay ends at max_steps, so a run
         extended that way followed a bent schedule). Checkpoints that predate the record: the
         max_steps in the checkpoint's config.yaml; [] when that cannot be read."""
-        if "max_steps_history" in self.state:
-            return [int(n) for n in self.state["max_steps_history"]]
         try:
+            if "max_steps_history" in self.state:
+                return [int(n) for n in self.state["max_steps_history"]]
             saved = yaml.safe_load((self.checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
             return [int(saved["train"]["max_steps"])]
-        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):  # unreadable: not known
             return []
+
+    @property
+    def extended(self) -> bool:
+        """Trained under more than one schedule (`train --resume` with another max_steps)."""
+        return len(self.schedules) > 1
 
     def length_problem(self, max_steps: int) -> Optional[str]:
         """Why this run cannot stand for a run of exactly `max_steps` steps (finished, or
@@ -122,13 +128,15 @@ def check_reusable(src: Path) -> None:
 
 def finished_run(src: Path, cfg: Config) -> FoundRun:
     """compare-dense --reuse-moe: the finished `moe-lm train` run of `cfg` at `src`; RunError when
-    there is none, it is of another config, or it stopped before train.max_steps."""
+    there is none, it is of another config, of another length (FoundRun.length_problem), or it
+    stopped before train.max_steps."""
     check_reusable(src)
     found = find_run(src, cfg, asked_by="--reuse-moe")
     problem = found.length_problem(cfg.train.max_steps)
     if problem is not None:
-        raise RunError(f"--reuse-moe {src} is not a run of train.max_steps = {cfg.train.max_steps}: {problem}",
-                       "give compare-dense the run's own train.max_steps, or pass a run trained to this one")
+        fix = ("pass a run trained to train.max_steps from its start (this one was extended by `train --resume`)"
+               if found.extended else "give compare-dense the run's own train.max_steps, or pass a run trained to this one")
+        raise RunError(f"--reuse-moe {src} is not a run of train.max_steps = {cfg.train.max_steps}: {problem}", fix)
     if not found.finished:
         raise RunError(f"--reuse-moe {src} stopped at step {found.step} of {cfg.train.max_steps}",
                        f"finish it first (moe-lm train --config ... --resume auto --out {src})")
@@ -153,7 +161,7 @@ class Progress:
     tokens: int = 0  # training tokens seen, over all resumes
     wall_s: float = 0.0  # training seconds over all resumes (evaluations, checkpoints, logging excluded)
     last_val: Optional[dict] = None  # the last evaluation: step, val_loss, val_ppl
-    schedules: list[int] = field(default_factory=list)  # FoundRun.schedules, this session's max_steps last
+    schedules: list[int] = field(default_factory=list)  # FoundRun.schedules (+ this session's, from its first step)
 
     @property
     def flops(self) -> float:
@@ -222,13 +230,9 @@ class Checkpointer:
         fresh). Every rank loads the single-process checkpoint (expert parallel: its experts)."""
         self.parts, self.alarm = parts, alarm
         progress = Progress(flops_per_token)
-        max_steps = self.cfg.train.max_steps
         if self.start is None:
-            progress.schedules = [max_steps]
             return progress
-        progress.schedules = self.start.schedules
-        if progress.schedules[-1:] != [max_steps]:
-            progress.schedules.append(max_steps)
+        progress.schedules = list(self.start.schedules)  # save adds this session's max_steps
         ckpt = self.start.checkpoint
         layout = distributed.LocalLayout(parts.model, parts.optimizer) if parts.expert_parallel else None
         st = ckpt_io.load_checkpoint(ckpt, parts.model, parts.optimizer, scaler=parts.scaler,
@@ -277,6 +281,10 @@ class Checkpointer:
         checkpoint reads as one process's. Returns its folder."""
         parts, t = self.parts, self.cfg.train
         self.saved_step = progress.step
+        # this session's schedule joins the history once it has trained a step (a resume stopped
+        # before its first step rewrites its checkpoint as it was)
+        if progress.step > (self.start.step if self.start is not None else 0) and progress.schedules[-1:] != [t.max_steps]:
+            progress.schedules.append(t.max_steps)
         state = {"tokens": progress.tokens, "wall_s": progress.wall_s, "flops": progress.flops,
                  "next_batch_index": progress.step, "data_seed": t.seed, "alarm": self.alarm.state_dict(),
                  "last_val": progress.last_val, "max_steps_history": progress.schedules}
