@@ -90,8 +90,12 @@ def _check_out(out_dir: Path, overwrite: bool) -> None:
     from .checks import out_folder
 
     out_folder("--out", out_dir)  # not a file, nor under one
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out_dir} exists and is not empty", "pass --overwrite to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--out {out_dir} exists and is not empty", "pass --overwrite to replace it")
+        if not (out_dir / META).is_file():  # --overwrite replaces an export, never any other folder
+            raise ExportError(f"refusing to replace {out_dir}: it is not a folder `moe-lm export` wrote (no {META})",
+                              "choose another --out, or empty the folder yourself")
 
 
 def write_hf_folder(model, cfg: Config, tokenizer_path: Path, out_dir: Path | str, overwrite: bool = False,

@@ -270,6 +270,30 @@ def test_overwrite_replaces_the_folder_and_leaves_no_temporary_folders(tmp_path)
     assert os.listdir(out.parent) == ["c"]
 
 
+def test_overwrite_never_deletes_a_folder_prepare_did_not_write_nor_its_own_input(tmp_path):
+    # --overwrite deleted whatever --out named: a folder of the user's files, even the corpus itself
+    texts = tmp_path / "notes"
+    texts.mkdir()
+    for i, t in enumerate(corpus(20)):
+        (texts / f"{i}.txt").write_text(t)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep")
+    for out, data_files, why in ((texts, str(texts / "*.txt"), "holds .*0.txt, an input of this prepare"),
+                                 (mine, str(texts / "*.txt"), "not a data folder `moe-lm prepare` wrote")):
+        before = {p: p.read_bytes() for p in out.rglob("*")}
+        with pytest.raises(DataError, match=why):
+            prepare(data_files=data_files, out=out, overwrite=True)
+        assert {p: p.read_bytes() for p in out.rglob("*")} == before
+    proc = moe_lm("prepare", "--data-files", str(texts), "--out", str(texts), "--overwrite", cwd=tmp_path)
+    assert_one_line_error(proc, "an input of this prepare")
+    # an empty folder, and a folder prepare wrote, are replaced as before
+    (tmp_path / "empty").mkdir()
+    prepare(data_files=str(texts / "*.txt"), out=tmp_path / "empty", overwrite=True)
+    prepare(data_files=str(texts / "*.txt"), out=tmp_path / "empty", overwrite=True)
+    assert TokenData.open(tmp_path / "empty")
+
+
 def test_ctrl_c_leaves_no_partial_folder(tmp_path, monkeypatch):
     from moe_lm.data import sources
 

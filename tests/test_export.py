@@ -296,6 +296,13 @@ def test_an_existing_export_is_kept_unless_overwrite_and_a_failed_write_leaves_i
     r = write_hf_folder(src.model, src.cfg, src.tokenizer_path, out, overwrite=True, step=7)
     assert r.architecture == "LlamaForCausalLM" and load_model(out).step == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # --overwrite replaces an export, never another folder (it deleted the user's files)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep")
+    with pytest.raises(ExportError, match="refusing to replace .*not a folder `moe-lm export` wrote"):
+        write_hf_folder(src.model, src.cfg, src.tokenizer_path, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["important.txt"]
 
 
 def test_cli_export_and_its_one_line_errors(exports, tmp_path, cli_here):

@@ -160,6 +160,7 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
     if out.exists() and not opts.overwrite:
         raise DataError(f"output folder {out} already exists",
                         "pass --overwrite to replace it, or --name / --out to write elsewhere")
+    _check_replaceable(out, opts)
     tok = load_tokenizer(opts.tokenizer) if opts.tokenizer is not None else None
     if tok is not None and opts.vocab_size is not None and opts.vocab_size != tok.get_vocab_size():
         raise DataError(f"--vocab-size {opts.vocab_size} does not match tokenizer {opts.tokenizer}, "
@@ -577,6 +578,31 @@ def _remove_if_empty(top: Optional[Path]) -> None:
             d.rmdir()
         except OSError:
             return
+
+
+def _check_replaceable(out: Path, opts: PrepareOptions) -> None:
+    """What --overwrite may replace: an empty folder or a data folder `moe-lm prepare` wrote (its
+    meta.json), never one that holds an input of this prepare (--data-files, --tokenizer).
+    DataError otherwise, before anything is read or written (`train --overwrite` has the same rule
+    for run folders)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    inputs = [Path(opts.tokenizer)] if opts.tokenizer is not None else []
+    if opts.data_files:
+        inputs += src.expand_data_files(opts.data_files)
+    root = out.resolve()
+    for p in inputs:
+        if p.resolve() == root or root in p.resolve().parents:
+            raise DataError(f"the output folder {out} holds {p}, an input of this prepare: --overwrite would delete it",
+                            "write the output elsewhere (--out DIR)")
+    try:
+        meta = json.loads((out / META).read_text(encoding="utf-8"))
+        ours = isinstance(meta, dict) and {"splits", "vocab_size", "files"} <= set(meta)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise DataError(f"refusing to replace {out}: it is not a data folder `moe-lm prepare` wrote (no meta.json "
+                        "of one)", "choose another --out or --name, or empty the folder yourself")
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
