@@ -103,7 +103,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     log_every: int = 10
     eval_every: int = 50
-    eval_batches: int = 10
+    eval_batches: int = 10  # validation batches of batch_size windows each (whatever grad_accum)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2  # keep the last K checkpoints
     seed: int = 0

@@ -161,14 +161,15 @@ class _LayerAccumulator:
 
 
 def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, n_batches: Optional[int] = None,
-                   seed: int = 0, domains: Optional[np.ndarray] = None, domain_names: Optional[list[str]] = None,
+                   micro_batch: Optional[int] = None, seed: int = 0, domains: Optional[np.ndarray] = None, domain_names: Optional[list[str]] = None,
                    decode=None, device: torch.device | str = "cpu", amp_dtype=None,
                    progress: Any = None, passages: int = 0, passage_tokens: int = PASSAGE_TOKENS,
                    pieces: Optional[Callable[[list[int]], list[str]]] = None) -> EvalReport:
     """Cross-entropy and routing statistics of `model` over windows of `tokens`.
 
     n_batches None: every token of the split once (non-overlapping windows); else a fixed seeded
-    sample of n_batches x batch_size windows. domains: per-token domain ids aligned with `tokens`
+    sample of n_batches x batch_size windows. micro_batch: rows per forward (default batch_size),
+    so the windows do not depend on it (the trainer's micro-batch: batch_size // grad_accum). domains: per-token domain ids aligned with `tokens`
     (the same windows are cut from both). decode: token id -> text, for the specialisation lists.
     passages: how many of the pass's full windows to record token by token (a seeded choice,
     `report.passages`; none for a dense model), each cut to its first `passage_tokens` tokens;
@@ -200,23 +201,29 @@ def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, 
     import time
 
     t0 = time.perf_counter()
+    micro = max(1, micro_batch or batch_size)
     with _recording(model, moe_layers), torch.no_grad():
-        for b, (x, y) in enumerate(batches):
-            dom = next(dom_batches)[0].to(device) if dom_batches is not None else None
-            x, y = x.to(device), y.to(device)
-            with amp():
-                out = model(x)
-            nll += F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1),
-                                   reduction="sum").double()
-            count += y.numel()
-            for acc, (_, layer), stats in zip(accs, moe_layers, out.moe_stats):
-                acc.add(stats, layer.last_assignments, x, dom)
-            for w, row in chosen.get(b, []):
-                n = min(passage_tokens, x.shape[1])
-                names = []
-                if dom is not None:
-                    names = [domain_names[d] for d in dict.fromkeys(dom[row, :n].tolist()) if d < n_dom]
-                shown.append(_passage(moe_layers, x, row, n, f"window {w} of the pass (batch {b}, row {row})", pieces, names))
+        for b, (xb, yb) in enumerate(batches):
+            domb = next(dom_batches)[0].to(device) if dom_batches is not None else None
+            for first in range(0, xb.shape[0], micro):
+                x, y = xb[first:first + micro].to(device), yb[first:first + micro].to(device)
+                dom = domb[first:first + micro] if domb is not None else None
+                with amp():
+                    out = model(x)
+                nll += F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1),
+                                       reduction="sum").double()
+                count += y.numel()
+                for acc, (_, layer), stats in zip(accs, moe_layers, out.moe_stats):
+                    acc.add(stats, layer.last_assignments, x, dom)
+                for w, row in chosen.get(b, []):
+                    if not first <= row < first + x.shape[0]:
+                        continue
+                    n = min(passage_tokens, x.shape[1])
+                    names = []
+                    if dom is not None:
+                        names = [domain_names[d] for d in dict.fromkeys(dom[row - first, :n].tolist()) if d < n_dom]
+                    shown.append(_passage(moe_layers, x, row - first, n, f"window {w} of the pass (batch {b}, row {row})",
+                                          pieces, names))
             if progress is not None:
                 progress(b + 1, total_batches)
     loss = float(nll) / max(count, 1)
@@ -410,7 +417,8 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
                         "pick one with --split, or prepare the data again with a test fraction")
     tokens = data.split(split)
     tok = loaded.tokenizer()
-    batch_size = max(1, cfg.train.batch_size // cfg.train.grad_accum)
+    batch_size = cfg.train.batch_size  # the trainer's windows, run in its micro-batches (Evaluator)
+    micro_batch = max(1, batch_size // cfg.train.grad_accum)
     if n_batches == RUN_SAMPLE:
         n_batches, seed = cfg.train.eval_batches, cfg.train.seed
     else:
@@ -428,7 +436,8 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
                   TimeRemainingColumn(), console=console, transient=True, disable=quiet) as bar:
         task = bar.add_task("eval", total=None)
         report = evaluate_model(
-            loaded.model, tokens, seq_len=cfg.model.seq_len, batch_size=batch_size, n_batches=n_batches, seed=seed,
+            loaded.model, tokens, seq_len=cfg.model.seq_len, batch_size=batch_size, n_batches=n_batches,
+            micro_batch=micro_batch, seed=seed,
             domains=domains, domain_names=names, decode=lambda i: tok.decode([i]), device=dev, amp_dtype=amp_dtype,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             passages=0 if text is not None else passages, pieces=pieces,

@@ -311,6 +311,18 @@ def test_grad_accumulation_splits_the_same_batch(tiny_data_dir, tmp_path):
         train(cfg, out_dir=tmp_path / f"k{k}", console=quiet(), plots=False)
         runs[k] = [r["ce_loss"] for r in train_records(tmp_path / f"k{k}")]
     assert runs[1] == pytest.approx(runs[2], rel=1e-4)
+    # and the same validation: the windows are train.batch_size's, run in micro-batches (they were
+    # drawn at the micro-batch's size: half the tokens, other windows, another val loss)
+    from moe_lm.evaluation import run_eval
+
+    val = {k: [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / f"k{k}" / "metrics.jsonl")
+               if r["kind"] == "eval"] for k in (1, 2)}
+    assert [s for s, _ in val[1]] == [s for s, _ in val[2]] and len(val[1]) >= 2
+    assert [v for _, v in val[1]] == pytest.approx([v for _, v in val[2]], rel=1e-5)
+    reports = {k: run_eval(tmp_path / f"k{k}", device="cpu")[0] for k in (1, 2)}
+    assert reports[1].n_tokens == reports[2].n_tokens and reports[1].windows == reports[2].windows
+    assert reports[1].loss == pytest.approx(reports[2].loss, rel=1e-5)
+    assert reports[2].loss == pytest.approx(val[2][-1][1], rel=1e-5)  # eval reproduces the trainer's sample
 
 
 @pytest.mark.parametrize("router,balance", [("softmax_topk", "switch"), ("noisy_topk", "shazeer"),

@@ -32,10 +32,14 @@ class Evaluator:
         t = cfg.train
         micro_bs = t.batch_size // t.grad_accum
         lo, hi = ctx.rank * (micro_bs // ctx.world_size), (ctx.rank + 1) * (micro_bs // ctx.world_size)
-        # the same seeded validation windows at every evaluation (each rank takes its rows)
-        self.batches = [(x[lo:hi], y[lo:hi]) for x, y in
-                        eval_windows(data.split("val"), cfg.model.seq_len, micro_bs, n_batches=t.eval_batches,
-                                     seed=t.seed)]
+        # the same seeded validation windows at every evaluation: eval_batches batches of
+        # train.batch_size windows, whatever grad_accum (a memory setting: it used to draw windows of
+        # the micro-batch's size, so the val loss changed with it), run in micro-batches as training
+        # runs; each rank takes its rows of each micro-batch
+        self.batches = [(xm[lo:hi], ym[lo:hi])
+                        for x, y in eval_windows(data.split("val"), cfg.model.seq_len, t.batch_size,
+                                                 n_batches=t.eval_batches, seed=t.seed)
+                        for xm, ym in zip(x.split(micro_bs), y.split(micro_bs))]
         self.meter = LoadMeter(layer_ids, ctx)
         self.alarm = CollapseAlarm(cfg.model.moe)
         self.ctx = ctx
