@@ -161,7 +161,8 @@ class _LayerAccumulator:
 
 
 def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, n_batches: Optional[int] = None,
-                   micro_batch: Optional[int] = None, seed: int = 0, domains: Optional[np.ndarray] = None, domain_names: Optional[list[str]] = None,
+                   micro_batch: Optional[int] = None, seed: int = 0, domains: Optional[np.ndarray] = None,
+                   domain_names: Optional[list[str]] = None,
                    decode=None, device: torch.device | str = "cpu", amp_dtype=None,
                    progress: Any = None, passages: int = 0, passage_tokens: int = PASSAGE_TOKENS,
                    pieces: Optional[Callable[[list[int]], list[str]]] = None) -> EvalReport:
@@ -169,8 +170,8 @@ def evaluate_model(model, tokens: np.ndarray, *, seq_len: int, batch_size: int, 
 
     n_batches None: every token of the split once (non-overlapping windows); else a fixed seeded
     sample of n_batches x batch_size windows. micro_batch: rows per forward (default batch_size),
-    so the windows do not depend on it (the trainer's micro-batch: batch_size // grad_accum). domains: per-token domain ids aligned with `tokens`
-    (the same windows are cut from both). decode: token id -> text, for the specialisation lists.
+    so the windows do not depend on it (the trainer's micro-batch: batch_size // grad_accum).
+    domains: per-token domain ids aligned with `tokens` (the same windows are cut from both). decode: token id -> text, for the specialisation lists.
     passages: how many of the pass's full windows to record token by token (a seeded choice,
     `report.passages`; none for a dense model), each cut to its first `passage_tokens` tokens;
     pieces: token ids -> the text of each token (data.tokenizer.token_texts; default: the ids).
