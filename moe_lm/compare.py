@@ -324,25 +324,28 @@ def verdict(moe_ppl: list[float], dense_ppl: list[float]) -> tuple[str, float, b
 
     m, d = statistics.mean(moe_ppl), statistics.mean(dense_ppl)
     pct = 100.0 * (m - d) / d
+    # "A is x% lower than B" is measured against B, the higher one: (d - m) / d when the MoE is
+    # lower (= -pct), (m - d) / m when the twin is (not pct, which is against the twin)
+    below = 100.0 * abs(m - d) / max(m, d, 1e-30)
     n = min(len(moe_ppl), len(dense_ppl))
     seeds = f"{n} seed{'s' if n != 1 else ''}"
     lower, higher = ("MoE", "its dense twin") if pct < 0 else ("the dense twin", "the MoE")
     if n == 1 and moe_ppl != dense_ppl:
-        return (f"{lower} is {abs(pct):.1f}% lower in perplexity than {higher} at equal training FLOPs (1 seed: "
+        return (f"{lower} is {below:.1f}% lower in perplexity than {higher} at equal training FLOPs (1 seed: "
                 f"no spread to compare with; run --seeds {MIN_SEEDS_FOR_A_WIN})"), pct, False
     separated = max(moe_ppl) < min(dense_ppl) or min(moe_ppl) > max(dense_ppl)
     if separated and n < MIN_SEEDS_FOR_A_WIN:
         first, second = ("MoE", "dense") if pct < 0 else ("dense", "MoE")
         chance = math.comb(len(moe_ppl) + len(dense_ppl), len(moe_ppl))
-        return (f"{lower} is {abs(pct):.1f}% lower in perplexity than {higher} at equal training FLOPs ({seeds}: "
+        return (f"{lower} is {below:.1f}% lower in perplexity than {higher} at equal training FLOPs ({seeds}: "
                 f"every {first} seed below every {second} seed, which happens by chance 1 time in {chance} with "
                 f"{seeds} even when the models do not differ - too few seeds for a verdict; run --seeds "
                 f"{MIN_SEEDS_FOR_A_WIN} or more)"), pct, False
     if max(moe_ppl) < min(dense_ppl):
-        return (f"MoE is {-pct:.1f}% lower in perplexity at equal training FLOPs ({seeds}; every MoE seed below "
+        return (f"MoE is {below:.1f}% lower in perplexity at equal training FLOPs ({seeds}; every MoE seed below "
                 f"every dense seed)"), pct, True
     if min(moe_ppl) > max(dense_ppl):
-        return (f"the dense twin is {pct:.1f}% lower in perplexity than the MoE at equal training FLOPs ({seeds}; "
+        return (f"the dense twin is {below:.1f}% lower in perplexity than the MoE at equal training FLOPs ({seeds}; "
                 f"every dense seed below every MoE seed): at this budget the MoE does not pay"), pct, False
     return (f"the difference ({pct:+.1f}% MoE vs dense) is within the spread over {seeds}: the seeds overlap, so "
             f"this budget shows no clear winner"), pct, False

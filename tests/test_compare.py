@@ -74,8 +74,13 @@ def test_the_verdict_claims_a_win_only_when_every_moe_seed_is_below_every_dense_
     assert text.startswith("MoE is 9.0% lower in perplexity at equal training FLOPs (3 seeds; every MoE seed below every dense seed)")
     text, pct, win = verdict([90.0, 99.5, 92.0], [100.0, 101.0, 99.0])  # overlapping seeds
     assert not win and "within the spread" in text
-    text, _, win = verdict([110.0, 111.0, 112.0], [100.0, 101.0, 102.0])
-    assert not win and "dense twin is" in text and "does not pay" in text
+    text, pct, win = verdict([110.0, 111.0, 112.0], [100.0, 101.0, 102.0])
+    assert not win and "does not pay" in text
+    assert pct == pytest.approx(100 * (111 - 101) / 101)  # the table's "vs dense twin": against the twin
+    # "x% lower than the MoE" is against the MoE: 101 is 9.0% below 111 (not the 9.9% above it)
+    assert text.startswith(f"the dense twin is {100 * (111 - 101) / 111:.1f}% lower in perplexity than the MoE")
+    text, _, _ = verdict([150.0, 151.0, 152.0], [100.0, 101.0, 102.0])
+    assert text.startswith("the dense twin is 33.1% lower")  # 101 / 151 = 0.669 (the trial's case: not 49.5%)
     for moe, dense in (([90.0], [100.0]), ([100.4], [100.0])):  # one seed has no spread: no claim either way
         text, _, win = verdict(moe, dense)
         assert not win and "1 seed: no spread" in text and "every" not in text
@@ -89,7 +94,8 @@ def test_with_two_seeds_the_verdict_never_claims_a_win():
         text, pct, win = verdict(moe, dense)
         assert win is False
         assert pct == pytest.approx(100 * (sum(moe) / 2 - sum(dense) / 2) / (sum(dense) / 2))
-        assert text.startswith(f"{lower} is ")
+        higher, low = max(sum(moe), sum(dense)) / 2, min(sum(moe), sum(dense)) / 2
+        assert text.startswith(f"{lower} is {100 * (higher - low) / higher:.1f}% lower")
         assert "1 time in 6" in text and "--seeds 3" in text
         assert "does not pay" not in text  # no claim for the dense side either
     # three seeds each: 1 time in 20 by chance, and the verdict may speak
