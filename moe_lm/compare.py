@@ -160,8 +160,11 @@ def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
     tmp.rename(run_dir)
 
 
-def _final_eval(run_dir: Path, device: str) -> dict:
-    """Perplexity over every validation token of the run's last checkpoint, cached in eval.json."""
+def _final_eval(run_dir: Path, device: str, data_dir: Path) -> dict:
+    """Perplexity over every validation token of the run's last checkpoint on `data_dir` (the run
+    config's data.dir), cached in eval.json. The cache counts only for the same checkpoint, every
+    window of the val split, the same data folder, and an eval.json newer than that folder's
+    meta.json: an `eval --data OTHER` or a data folder prepared again is evaluated anew."""
     from .evaluation import run_eval
     from .training import checkpoint as ckpt_io
 
@@ -170,11 +173,13 @@ def _final_eval(run_dir: Path, device: str) -> dict:
     if cached.is_file() and latest is not None:
         try:
             prev = json.loads(cached.read_text(encoding="utf-8"))
-            if prev.get("checkpoint") == str(latest) and prev.get("windows") == "all" and prev.get("split") == "val":
+            if (prev.get("checkpoint") == str(latest) and prev.get("windows") == "all" and prev.get("split") == "val"
+                    and prev.get("data_dir") and Path(prev["data_dir"]).resolve() == data_dir.resolve()
+                    and cached.stat().st_mtime >= (data_dir / "meta.json").stat().st_mtime):
                 return prev
         except (OSError, json.JSONDecodeError):
             pass
-    report, _ = run_eval(run_dir, split="val", n_batches=None, device=device, write=True)
+    report, _ = run_eval(run_dir, split="val", n_batches=None, data_dir=data_dir, device=device, write=True)
     return report.to_json()
 
 
@@ -250,7 +255,7 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
                 run_dir = _sweep_dir(out, v, lr)
                 console.rule(f"lr sweep: {VARIANT_LABELS[v]}, lr {lr:g}")
                 _train_or_reuse(rc, run_dir, console, overwrite)
-                sweep[v][f"{lr:g}"] = _final_eval(run_dir, device)["loss"]
+                sweep[v][f"{lr:g}"] = _final_eval(run_dir, device, Path(rc.data.dir))["loss"]
             lrs[v] = float(min(sweep[v], key=sweep[v].get))
 
     # 2. the seeds, paired: seed s of every variant before seed s + 1 --------------------------------
@@ -267,7 +272,7 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
             reused = _train_or_reuse(rc, run_dir, console, overwrite and not adopt)
             if reused:
                 console.print(f"reusing the finished run {run_dir}", highlight=False)
-            ev = _final_eval(run_dir, device)
+            ev = _final_eval(run_dir, device, Path(rc.data.dir))
             runs.append(_summarise(v, rc, run_dir, ev, reused))
 
     # 3. the report --------------------------------------------------------------------------------

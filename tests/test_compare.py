@@ -340,3 +340,39 @@ def test_gap_vs_tokens_pairs_seeds_by_step():
     assert g["per_seed"] == [pytest.approx([-0.1, -0.3]), pytest.approx([0.2, -0.1])]
     assert g["mean"] == pytest.approx([0.05, -0.2]) and g["min"] == pytest.approx([-0.1, -0.3])
     assert g["max"] == pytest.approx([0.2, -0.1])
+
+
+def test_the_final_eval_cache_counts_only_for_the_runs_own_data_folder(tiny_data_dir, tmp_path, monkeypatch):
+    # an `eval --data OTHER` on a seed run wrote eval.json over another corpus (same tokenizer):
+    # compare-dense took it as the seed's perplexity (a newcomer's trial: 315.95 became 328.04)
+    import os
+
+    import moe_lm.evaluation as evaluation
+    from moe_lm.compare import _final_eval
+    from moe_lm.data.prepare import PrepareOptions, prepare_corpus
+
+    other = tmp_path / "other"  # other documents, the same tokenizer
+    prepare_corpus(PrepareOptions(out=other, max_documents=30, tokenizer=tiny_data_dir / "tokenizer.json",
+                                  val_fraction=0.2, test_fraction=0.05), console=quiet())
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.max_steps=3")), out_dir=run,
+          console=quiet(), plots=False)
+    full = _final_eval(run, "cpu", tiny_data_dir)
+    evaluation.run_eval(run, split="val", n_batches=None, data_dir=other, device="cpu")  # eval.json: the other corpus
+    assert json.loads((run / "eval.json").read_text())["n_tokens"] != full["n_tokens"]
+    calls = []
+    real = evaluation.run_eval
+    monkeypatch.setattr(evaluation, "run_eval", lambda *a, **k: calls.append(k["data_dir"]) or real(*a, **k))
+    again = _final_eval(run, "cpu", tiny_data_dir)
+    assert calls == [tiny_data_dir] and again["n_tokens"] == full["n_tokens"] and again["loss"] == full["loss"]
+    assert _final_eval(run, "cpu", tiny_data_dir)["loss"] == full["loss"] and len(calls) == 1  # now cached
+    # the data folder prepared again after the evaluation: evaluated anew
+    meta = tiny_data_dir / "meta.json"
+    stat = meta.stat()
+    later = (run / "eval.json").stat().st_mtime + 10
+    try:
+        os.utime(meta, (later, later))
+        _final_eval(run, "cpu", tiny_data_dir)
+    finally:
+        os.utime(meta, (stat.st_atime, stat.st_mtime))
+    assert len(calls) == 2
