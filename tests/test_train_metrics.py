@@ -54,6 +54,19 @@ def test_load_meter_sums_counts_over_micro_batches_per_layer():
     assert meter.read() == []  # a new window
 
 
+def test_batch_max_mean_sees_the_imbalance_that_the_windows_summed_load_averages_away():
+    # the busiest expert alternates: [3, 1] then [1, 3] sum to [4, 4] (max/mean 1) while each batch
+    # has max/mean 3 / 2 = 1.5; a third batch [2, 2] (1.0) makes the mean (1.5 + 1.5 + 1.0) / 3
+    meter = LoadMeter([0])
+    for load in ([3.0, 1.0], [1.0, 3.0], [2.0, 2.0]):
+        meter.add([Stats(torch.tensor(load), torch.zeros(2), 0.0, 0.7, torch.tensor(0.0), torch.tensor(0.0))])
+    (ll,) = meter.read()
+    assert ll.max_mean == pytest.approx(5 / 5) and ll.batch_max_mean == pytest.approx(4 / 3)
+    assert ll.to_json()["batch_max_mean"] == pytest.approx(1.3333)
+    meter.add([Stats(torch.zeros(2), torch.zeros(2), 0.0, 0.0, torch.tensor(0.0), torch.tensor(0.0))])
+    assert meter.read()[0].batch_max_mean == 1.0  # no assignments: balanced by convention, as load_summary
+
+
 def test_collapse_alarm_fires_after_consecutive_evaluations_naming_layer_and_expert():
     alarm = CollapseAlarm(MoEConfig(n_experts=4, balance_coef=0.01))
     starved = [0.40, 0.30, 0.29, 0.01]  # expert 3 < a quarter of uniform (0.0625)

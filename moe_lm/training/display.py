@@ -57,6 +57,11 @@ class DisplayState:
     notes: list[str] = field(default_factory=list)
 
 
+def _per_batch(layer: dict) -> float:
+    """A layer record's batch_max_mean (records written before it existed: its max_mean)."""
+    return layer.get("batch_max_mean", layer["max_mean"])
+
+
 class TrainDisplay:
     """Live progress for a terminal, plain lines otherwise. Use as a context manager."""
 
@@ -111,9 +116,9 @@ class TrainDisplay:
         line = (f"step {rec['step']:>6}/{self.s.max_steps}  loss {rec['loss']:.4f}  ppl {rec['ppl']:.2f}  "
                 f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  grad {rec['grad_norm']:.3f}")
         if rec.get("layers"):
-            worst = max(rec["layers"], key=lambda ll: ll["max_mean"])
+            worst = max(rec["layers"], key=_per_batch)
             line += (f"  bal {rec['aux_loss']:.4f}  z {rec['z_loss']:.4f}  "
-                     f"max/mean {worst['max_mean']:.2f} (layer {worst['layer']})")
+                     f"max/mean {worst['max_mean']:.2f}, per batch {_per_batch(worst):.2f} (layer {worst['layer']})")
         self.console.print(line + eta, markup=False, highlight=False, soft_wrap=True)
 
     def on_eval(self, rec: dict) -> None:
@@ -126,7 +131,8 @@ class TrainDisplay:
         for ll in rec.get("layers", []):
             self.console.print(
                 f"  layer {ll['layer']:>2} load {plain_heat_row(ll['load'])}  max/mean {ll['max_mean']:.2f}  "
-                f"cv {ll['cv']:.2f}  dropped {ll['dropped_frac']:.1%}", markup=False, highlight=False, soft_wrap=True)
+                f"per batch {_per_batch(ll):.2f}  cv {ll['cv']:.2f}  dropped {ll['dropped_frac']:.1%}",
+                markup=False, highlight=False, soft_wrap=True)
 
     def on_alarms(self, active: list[Alarm], fired: list[Alarm]) -> None:
         self.s.alarms = [a.message for a in active]
@@ -181,13 +187,14 @@ class TrainDisplay:
                 t.add_column("layer", justify="right")
                 t.add_column("expert load (share vs uniform)")
                 t.add_column("max/mean", justify="right")
+                t.add_column("per batch", justify="right")
                 t.add_column("cv", justify="right")
                 t.add_column("dropped", justify="right")
                 t.add_column("entropy", justify="right")
                 for ll in r["layers"]:
                     mm_style = "red" if ll["max_mean"] > OVERLOADED else ""
                     t.add_row(str(ll["layer"]), heat_row(ll["load"]), Text(f"{ll['max_mean']:.2f}", style=mm_style),
-                              f"{ll['cv']:.2f}", f"{ll['dropped_frac']:.1%}", f"{ll['entropy']:.2f}")
+                              f"{_per_batch(ll):.2f}", f"{ll['cv']:.2f}", f"{ll['dropped_frac']:.1%}", f"{ll['entropy']:.2f}")
                 body.append(t)
         for msg in self.s.alarms[:4]:
             body.append(Text(f"⚠ {msg}", style="yellow"))

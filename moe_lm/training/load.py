@@ -31,13 +31,17 @@ class LayerLoad:
     entropy: float  # mean router entropy (nats)
     balance_loss: float  # this layer's balance loss (coefficient applied)
     z_loss: float  # this layer's router z-loss (coefficient applied)
+    # max / mean of each micro-batch's own per-expert load, averaged over the window. max_mean is
+    # that of the window's summed load: when the busiest expert changes from step to step (early
+    # training) the sum looks balanced while every batch is not (1.4 against 6 in a 30-step run)
+    batch_max_mean: float = 1.0
 
     def rounded(self) -> "LayerLoad":
         """The same load at the precision metrics.jsonl keeps: shares and dropped fraction to 6
         decimals, max/mean, cv and entropy to 4, the losses to 8 significant digits."""
         return LayerLoad(self.layer, [round(s, 6) for s in self.load], round(self.max_mean, 4), round(self.cv, 4),
                          round(self.dropped_frac, 6), round(self.entropy, 4), round_sig(self.balance_loss),
-                         round_sig(self.z_loss))
+                         round_sig(self.z_loss), round(self.batch_max_mean, 4))
 
     def to_json(self) -> dict:
         """A metrics.jsonl "layers" entry (rounded; keys in field order)."""
@@ -55,7 +59,8 @@ class LoadMeter:
 
     Sums stay tensors on the model's device, so `add` never waits for the accelerator.
     dist (a moe_lm.distributed.Dist, under torchrun): `read()` sums the loads over the ranks and
-    averages the rest, so every rank reads the global batch's statistics (a collective).
+    averages the rest, so every rank reads the global batch's statistics (a collective); a "batch"
+    of batch_max_mean is then one rank's micro-batch.
     """
 
     def __init__(self, layer_ids: list[int], dist: Any = None):
@@ -75,9 +80,12 @@ class LoadMeter:
             raise AssertionError(f"expected {len(self.layer_ids)} MoEStats, got {len(moe_stats)}")
         for i, s in enumerate(moe_stats):
             load = s.load.detach().float()
-            # dropped_frac, entropy, balance_loss, z_loss: averaged over the window
+            mean = load.mean()
+            batch_max_mean = torch.where(mean > 0, load.max() / mean.clamp_min(1e-30), torch.ones_like(mean))
+            # dropped_frac, entropy, balance_loss, z_loss, batch_max_mean: averaged over the window
             row = torch.stack([_scalar(s.dropped_frac).to(load.device), _scalar(s.entropy).to(load.device),
-                               _scalar(s.balance_loss).to(load.device), _scalar(s.z_loss).to(load.device)])
+                               _scalar(s.balance_loss).to(load.device), _scalar(s.z_loss).to(load.device),
+                               batch_max_mean])
             self._load[i] = load if self._load[i] is None else self._load[i] + load
             self._sums[i] = row if self._sums[i] is None else self._sums[i] + row
         self._n += 1
@@ -94,8 +102,8 @@ class LoadMeter:
             self._sums = list(packed[L * E:].view(L, -1) / self.dist.world_size)
         for layer, load, sums in zip(self.layer_ids, self._load, self._sums):
             counts = load.cpu().tolist()
-            dropped, entropy, bal, z = (sums / self._n).cpu().tolist()
+            dropped, entropy, bal, z, batch_max_mean = (sums / self._n).cpu().tolist()
             shares, max_mean, cv = load_summary(counts)
-            out.append(LayerLoad(layer, shares, max_mean, cv, dropped, entropy, bal, z))
+            out.append(LayerLoad(layer, shares, max_mean, cv, dropped, entropy, bal, z, batch_max_mean))
         self.reset()
         return out

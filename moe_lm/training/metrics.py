@@ -126,6 +126,8 @@ class TensorBoardSink:
         for ll in record.get("layers", []):
             prefix = f"{'val' if kind == 'eval' else 'train'}_moe/layer{ll['layer']}"
             self.w.add_scalar(f"{prefix}/max_mean", ll["max_mean"], step)
+            if "batch_max_mean" in ll:
+                self.w.add_scalar(f"{prefix}/batch_max_mean", ll["batch_max_mean"], step)
             self.w.add_scalar(f"{prefix}/cv", ll["cv"], step)
             self.w.add_scalar(f"{prefix}/dropped_frac", ll["dropped_frac"], step)
             for e, share in enumerate(ll["load"]):
