@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from . import checks
 from .config import LIMITS, SEED_MAX, Config, config_differences
-from .errors import ConfigError, RunError
+from .errors import CheckpointError, ConfigError, RunError
 from .files import write_atomic
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
@@ -76,13 +76,21 @@ def check_options(cfg: Config, *, seeds: int, lr_sweep: Optional[list[float]], o
 
 def parse_lr_sweep(text: str) -> list[float]:
     """'1e-3,3e-3' -> [0.001, 0.003]; ConfigError for anything but positive finite learning rates."""
+    items = [v.strip() for v in text.split(",")]
+    if items and not items[-1]:
+        items.pop()  # a trailing comma
+    if not any(items):
+        raise ConfigError(f"--lr-sweep {text!r} holds no learning rate", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
+    if not all(items):
+        raise ConfigError(f"--lr-sweep {text!r} has an empty entry", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
     try:
-        lrs = [float(v) for v in text.split(",") if v.strip()]
+        lrs = [float(v) for v in items]
     except ValueError:
         raise ConfigError(f"--lr-sweep {text!r} is not a comma-separated list of numbers",
                           "e.g. --lr-sweep 1e-3,3e-3,6e-3") from None
-    if not lrs:
-        raise ConfigError(f"--lr-sweep {text!r} holds no learning rate", "e.g. --lr-sweep 1e-3,3e-3,6e-3")
+    twice = sorted({f"{lr:g}" for lr in lrs if sum(f"{o:g}" == f"{lr:g}" for o in lrs) > 1})
+    if twice:  # the same run folder (sweep/<variant>-lr<rate>) twice
+        raise ConfigError(f"--lr-sweep {text!r} lists {', '.join(twice)} more than once", "list each rate once")
     lim = LIMITS["train.lr"]
     for lr in lrs:
         checks.option_number("--lr-sweep", lr, lim.lo, lim.hi, lo_open=lim.lo_open, hint="e.g. --lr-sweep 1e-3,3e-3,6e-3")
@@ -160,6 +168,26 @@ def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
     tmp.rename(run_dir)
 
 
+def _check_reuse_moe(src: Path, moe_cfg: Config, cfg: Config, lr_sweep: Optional[list[float]]) -> None:
+    """Before anything trains: --reuse-moe's run must be a finished run of the MoE's seed run, at
+    the config's train.lr, or under --lr-sweep at one of the swept rates (which one the seeds use
+    is known only after the sweep; a run at none of them could never be used)."""
+    from .training.runs import finished_run
+
+    rates = lr_sweep or [cfg.train.lr]
+    errors = []
+    for lr in rates:
+        try:
+            finished_run(src, _run_config(moe_cfg, cfg.name, "moe", cfg.train.seed, lr))
+            return
+        except (RunError, CheckpointError) as exc:
+            errors.append(exc)
+    if not lr_sweep:
+        raise errors[0]
+    raise RunError(f"--reuse-moe {src} is a run at none of the --lr-sweep rates ({', '.join(f'{lr:g}' for lr in rates)}): "
+                   f"{errors[0].message}", "add the run's train.lr to --lr-sweep, or drop --reuse-moe")
+
+
 def _final_eval(run_dir: Path, device: str, data_dir: Path) -> dict:
     """Perplexity over every validation token of the run's last checkpoint on `data_dir` (the run
     config's data.dir), cached in eval.json. The cache counts only for the same checkpoint, every
@@ -231,10 +259,8 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
 
     # 0. the runs already there, before anything trains: of this config and length, or refused -----
     seed_list = [cfg.train.seed + i for i in range(seeds)]
-    if not lr_sweep and reuse_moe is not None:  # (after a sweep the seeds' rates are known only once it has run)
-        from .training.runs import finished_run
-
-        finished_run(Path(reuse_moe), _run_config(variants["moe"], cfg.name, "moe", cfg.train.seed, cfg.train.lr))
+    if reuse_moe is not None:
+        _check_reuse_moe(Path(reuse_moe), variants["moe"], cfg, lr_sweep)
     if not overwrite:
         planned = [(_run_config(vcfg, cfg.name, v, cfg.train.seed, lr), _sweep_dir(out, v, lr))
                    for v, vcfg in variants.items() for lr in (lr_sweep or [])]
@@ -265,10 +291,23 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
             rc = _run_config(vcfg, cfg.name, v, s, lrs[v])
             run_dir = _seed_dir(out, v, s)
             console.rule(f"{VARIANT_LABELS[v]}, seed {s} ({seed_list.index(s) + 1}/{len(seed_list)})")
-            adopt = reuse_moe is not None and v == "moe" and s == cfg.train.seed
+            # seed 0 is a run already made: --reuse-moe's, or the sweep's at the rate it chose (the
+            # same config, seed and rate: training it again would give the same weights)
+            src, from_reuse = None, reuse_moe is not None and v == "moe"
+            if s == cfg.train.seed:
+                src = Path(reuse_moe) if from_reuse else (_sweep_dir(out, v, lrs[v]) if lr_sweep else None)
+            adopt = src is not None
             if adopt and (overwrite or not run_dir.exists()):
-                _adopt_run(Path(reuse_moe), rc, run_dir)
-                console.print(f"the MoE's seed {s} is the run {reuse_moe} (copied to {run_dir})", highlight=False)
+                try:
+                    _adopt_run(src, rc, run_dir)
+                except (RunError, CheckpointError) as exc:
+                    if not (from_reuse and lr_sweep):
+                        raise
+                    raise RunError(f"the sweep chose lr {lrs[v]:g} for the MoE, and --reuse-moe {src} was not "
+                                   f"trained with it: {exc.message}", "drop --reuse-moe, or compare at the "
+                                   "run's own train.lr without --lr-sweep") from None
+                what = f"the run {src}" if from_reuse else f"the sweep's run at lr {lrs[v]:g}"
+                console.print(f"{VARIANT_LABELS[v]}, seed {s}: {what} (copied to {run_dir})", highlight=False)
             reused = _train_or_reuse(rc, run_dir, console, overwrite and not adopt)
             if reused:
                 console.print(f"reusing the finished run {run_dir}", highlight=False)

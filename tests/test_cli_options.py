@@ -151,7 +151,7 @@ def test_a_non_finite_or_out_of_range_number_is_one_line_naming_the_option(path,
     assert_refused(workdir, code, err, flag)
 
 
-@pytest.mark.parametrize("sweep", ["nan", "1e-3,inf", "-1e-3", "1e-3,x"])
+@pytest.mark.parametrize("sweep", ["nan", "1e-3,inf", "-1e-3", "1e-3,x", "3e-3,,6e-3", "3e-3,0.003", ",", ""])
 def test_lr_sweep_values_are_checked_like_train_lr(sweep, workdir, monkeypatch, capsys):
     code, err = call(["compare-dense", "-c", str(TINY_MOE), "--lr-sweep", sweep], monkeypatch, capsys)
     assert_refused(workdir, code, err, "--lr-sweep")

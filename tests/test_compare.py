@@ -376,3 +376,40 @@ def test_the_final_eval_cache_counts_only_for_the_runs_own_data_folder(tiny_data
     finally:
         os.utime(meta, (stat.st_atime, stat.st_mtime))
     assert len(calls) == 2
+
+
+def test_an_lr_sweep_picks_each_variants_rate_and_its_seed_0_run_is_the_sweeps(tiny_data_dir, tmp_path, monkeypatch):
+    import moe_lm.training.trainer as trainer
+    from moe_lm.compare import parse_lr_sweep
+
+    assert parse_lr_sweep("3e-3, 6e-3,") == [3e-3, 6e-3]
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))
+    trained = []
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda c, **k: trained.append((c.train.lr, k["out_dir"].name)) or real(c, **k))
+    rep = compare_dense(cfg, seeds=2, lr_sweep=[1e-4, 6e-3], out_dir=tmp_path / "c", console=quiet())
+    out = tmp_path / "c"
+    for v in ("moe", "dense"):
+        losses = {lr: json.loads((out / "sweep" / f"{v}-lr{lr}" / "eval.json").read_text())["loss"]
+                  for lr in ("0.0001", "0.006")}
+        best = min(losses, key=losses.get)
+        assert rep["variants"][v]["lr"] == float(best)  # the lower validation loss of the two
+        ckpt = "checkpoints/step-0000006/model.safetensors"  # seed 0: the sweep's run, not trained again
+        assert (out / "runs" / f"{v}-seed0" / ckpt).read_bytes() == (out / "sweep" / f"{v}-lr{best}" / ckpt).read_bytes()
+    # 2 variants x 2 rates, then only seed 1 of each (the trial's fault: seed 0 trained a second time)
+    assert sorted(name for _, name in trained) == ["dense-lr0.0001", "dense-lr0.006", "dense-seed1",
+                                                   "moe-lr0.0001", "moe-lr0.006", "moe-seed1"]
+    assert [r["seed"] for r in rep["runs"]] == [0, 0, 1, 1]
+
+
+def test_reuse_moe_at_a_rate_the_sweep_does_not_hold_is_refused_before_anything_trains(tiny_data_dir, tmp_path,
+                                                                                        monkeypatch):
+    import moe_lm.training.trainer as trainer
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))  # train.lr 6e-3
+    run = train(cfg, out_dir=tmp_path / "run", console=quiet(), plots=False).run_dir
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(RunError, match=r"none of the --lr-sweep rates \(0.001, 0.003\).*train.lr") as e:
+        compare_dense(cfg, seeds=1, lr_sweep=[1e-3, 3e-3], out_dir=tmp_path / "c", console=quiet(), reuse_moe=run)
+    assert "add the run's train.lr to --lr-sweep" in str(e.value)
+    assert not (tmp_path / "c" / "sweep").exists()
