@@ -334,7 +334,7 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
             "params_total": pc["total"], "params_active": pc["active"],
             "flops_per_token": fl["total"], "router_flops_per_token": fl["router"],
             "train_tokens": rs[0].tokens, "train_flops": statistics.mean(r.flops for r in rs),
-            "tokens_per_s": statistics.mean(r.tokens_per_s for r in rs),
+            "tokens_per_s": statistics.median(r.tokens_per_s for r in rs),  # of the runs' own medians
             "wall_s": statistics.mean(r.wall_s for r in rs),
             "val_ppl": ppl, "val_ppl_mean": statistics.mean(ppl),
             "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
@@ -493,8 +493,9 @@ def paired_lines(report: dict) -> list[str]:
     p = report.get("paired")
     if p:
         pairs = " ".join(f"{x:+.1f}%" for x in p["d_ppl_pct"])
+        spread = f"± {p['d_ppl_pct_std']:.1f}% (std over pairs)" if p["pairs"] > 1 else "(one pair: no spread)"
         out.append(f"paired by seed (MoE - dense perplexity): {pairs}; mean {p['d_ppl_pct_mean']:+.1f}% "
-                   f"± {p['d_ppl_pct_std']:.1f}% (std over pairs); the MoE is lower in {p['moe_better']} of "
+                   f"{spread}; the MoE is lower in {p['moe_better']} of "
                    f"{p['pairs']} pairs (sign test p = {p['sign_test_p']:.3g})")
     w = report.get("equal_wall_clock")
     if w and w.get("pairs"):
@@ -530,7 +531,8 @@ def table_rows(report: dict) -> list[tuple[str, ...]]:
                                                    if vs[k].get("ffn_out_lr_scale", 1.0) != 1.0 else "") for k in keys]),
         ("tokens/s (median)", *[f"{vs[k]['tokens_per_s']:,.0f}" for k in keys]),
         ("wall time per run", *[f"{vs[k]['wall_s']:.0f} s" for k in keys]),
-        ("val perplexity (mean ± std)", *[f"{vs[k]['val_ppl_mean']:.2f} ± {vs[k]['val_ppl_std']:.2f}" for k in keys]),
+        ("val perplexity (mean ± std)", *[f"{vs[k]['val_ppl_mean']:.2f}" + (
+            f" ± {vs[k]['val_ppl_std']:.2f}" if len(vs[k]["val_ppl"]) > 1 else " (1 seed)") for k in keys]),
         ("val perplexity per seed", *[" ".join(f"{p:.2f}" for p in vs[k]["val_ppl"]) for k in keys]),
         ("vs dense twin", *[("-" if k == "dense" else
                              f"{100 * (vs[k]['val_ppl_mean'] - vs['dense']['val_ppl_mean']) / vs['dense']['val_ppl_mean']:+.1f}%")

@@ -276,6 +276,11 @@ def test_reuse_moe_adopts_a_finished_train_run_as_the_first_seed(tiny_data_dir, 
 
     adopted = compare_dense(cfg, seeds=1, out_dir=tmp_path / "a", console=quiet(), reuse_moe=run)
     assert [(r["variant"], r["reused"]) for r in adopted["runs"]] == [("moe", True), ("dense", False)]
+    from moe_lm.compare import paired_lines, table_rows
+
+    rows = {r[0]: r[1:] for r in table_rows(adopted)}  # one seed: no spread to show, not "± 0.00"
+    assert all(c.endswith(" (1 seed)") and "±" not in c for c in rows["val perplexity (mean ± std)"])
+    assert "(one pair: no spread)" in paired_lines(adopted)[0] and "std over pairs" not in paired_lines(adopted)[0]
     ckpt = "checkpoints/step-0000006/model.safetensors"
     assert (tmp_path / "a" / "runs" / "moe-seed0" / ckpt).read_bytes() == (run / ckpt).read_bytes()
     # the same figures as a comparison that trains its own first MoE seed
@@ -400,6 +405,10 @@ def test_an_lr_sweep_picks_each_variants_rate_and_its_seed_0_run_is_the_sweeps(t
     assert sorted(name for _, name in trained) == ["dense-lr0.0001", "dense-lr0.006", "dense-seed1",
                                                    "moe-lr0.0001", "moe-lr0.006", "moe-seed1"]
     assert [r["seed"] for r in rep["runs"]] == [0, 0, 1, 1]
+    from moe_lm.compare import paired_lines, table_rows
+
+    assert all(" ± " in c for c in {r[0]: r[1:] for r in table_rows(rep)}["val perplexity (mean ± std)"])
+    assert "(std over pairs)" in paired_lines(rep)[0]
 
 
 def test_reuse_moe_at_a_rate_the_sweep_does_not_hold_is_refused_before_anything_trains(tiny_data_dir, tmp_path,
