@@ -252,3 +252,18 @@ def test_one_process_joins_no_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with distributed.process_group("cpu") as ctx:
         assert ctx is distributed.SINGLE and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("command", [["compare-dense", "-c", "configs/tiny-moe.yaml"], ["eval", "runs/nowhere"],
+                                     ["prepare", "--data-files", "nowhere/*.txt"], ["generate", "runs/nowhere"]])
+def test_commands_other_than_train_refuse_to_run_under_torchrun(command, monkeypatch, cli_here, tmp_path):
+    # under torchrun every rank ran compare-dense in full, writing the same folders; rank 1 then
+    # failed with "no checkpoint" on a run rank 0 had written (a newcomer's trial)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = cli_here(*command)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"`moe-lm {command[0]}` runs as one process, but torchrun started 2" in err and "torchrun is for" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "torchrun" not in cli_here(*command)[2]  # one process: the command's own checks
