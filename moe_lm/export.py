@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .config import Config, to_dict
 from .errors import ExportError
-from .files import fsync_dir, fsync_file, sha256_file
+from .files import fsync_dir, fsync_file, save_safetensors, sha256_file
 from .hf_format import EOT, FORMAT, META, hf_state_dict, hf_target
 
 
@@ -105,8 +105,6 @@ def write_hf_folder(model, cfg: Config, tokenizer_path: Path, out_dir: Path | st
     Written into a temporary folder next to `out_dir`, then renamed into place: a failure or a
     kill leaves no half-written export. An existing non-empty `out_dir` needs `overwrite`.
     """
-    from safetensors.torch import save_file
-
     from .data.tokenizer import load_tokenizer
 
     out_dir = Path(out_dir)
@@ -125,7 +123,7 @@ def write_hf_folder(model, cfg: Config, tokenizer_path: Path, out_dir: Path | st
                       bos_token_id=eot, eos_token_id=eot, pad_token_id=None)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(cfg.model.seq_len))
         _write_json(tmp / META, {
             "format": FORMAT, "architecture": target.architecture, "step": step, "exported_from": str(source),

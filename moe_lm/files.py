@@ -66,3 +66,20 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' save_file, then the file mode any other file gets (0o666 minus the umask):
+    save_file (0.8) writes the file owner-only (0600), so a checkpoint or an export shared with a
+    group, a container or a server that reads as another user would not load."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())

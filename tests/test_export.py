@@ -317,3 +317,20 @@ def test_cli_export_and_its_one_line_errors(exports, tmp_path, cli_here):
         assert code == 2 and len(lines) == 1 and fragment in lines[0], err
     code, out, err = cli_here("export", str(run), "--out", str(tmp_path / "m"), "--overwrite")
     assert code == 0
+
+
+def test_exported_and_checkpointed_weights_are_readable_like_every_other_file(exports):
+    # safetensors' save_file writes 0600: a checkpoint or export shared with a group, or served by
+    # another user, would not load (a newcomer's trial); now 0666 minus the umask, as the other files
+    import os
+    import stat
+
+    from moe_lm.files import umask
+
+    want = 0o666 & ~umask()
+    export = exports["mixtral"]
+    run = Path(json.loads((export / "moe_lm.json").read_text())["exported_from"])
+    weights = [export / "model.safetensors", *sorted(run.parent.glob("step-*/model.safetensors"))]  # from a checkpoint
+    assert len(weights) >= 2
+    for f in weights + [export / "config.json"]:
+        assert stat.S_IMODE(os.stat(f).st_mode) == want, f

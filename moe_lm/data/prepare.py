@@ -44,6 +44,7 @@ from rich.table import Table
 
 from .. import __version__, checks, signals
 from ..errors import DataError
+from ..files import umask
 from . import sources as src
 from .shards import DOMAIN_DTYPE, META, TOKENIZER, ShardWriter, token_dtype
 from .tokenizer import EOT, MAX_WORD_CHARS, MIN_VOCAB, TrainingProcess, encode_batch, eot_id, load_tokenizer
@@ -177,7 +178,7 @@ def prepare_corpus(opts: PrepareOptions, console: Optional[Console] = None) -> P
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             stop.check()
-            os.chmod(tmp, 0o777 & ~_umask())  # NOTE: mkdtemp makes it 0700; the result is an ordinary folder
+            os.chmod(tmp, 0o777 & ~umask())  # NOTE: mkdtemp makes it 0700; the result is an ordinary folder
             with _Progress(console) as progress:
                 cache: dict[int, list[src.Document]] = {}  # streams read whole in pass 1
                 skipped: dict[int, int] = {}  # empty documents per stream
@@ -551,12 +552,6 @@ def _meta(o: PrepareOptions, out: Path, source: src.Source, splits: dict, tok, t
         "domains": domains,
         "files": files,
     }
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _make_parents(parent: Path) -> Optional[Path]:

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..config import Config, config_differences, config_hash, to_dict, with_added_keys
 from ..errors import CheckpointError
-from ..files import fsync_dir, fsync_file, sha256_file, write_atomic, write_text_synced
+from ..files import fsync_dir, fsync_file, save_safetensors, sha256_file, write_atomic, write_text_synced
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -85,7 +85,7 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 def save_weights(model: torch.nn.Module, path: Path, state: Optional[dict] = None) -> None:
     """state: model.state_dict() unless given (expert parallel: the experts gathered from all ranks)."""
     unique, tied = _dedupe_tied(model.state_dict() if state is None else state)
-    save_file(unique, str(path), metadata={"format": "pt", "tied": json.dumps(tied)})
+    save_safetensors(unique, path, metadata={"format": "pt", "tied": json.dumps(tied)})
 
 
 def load_weights(model: torch.nn.Module, path: Path, layout: Any = None) -> None:
