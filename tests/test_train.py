@@ -212,7 +212,11 @@ def test_resume_from_an_earlier_checkpoint_sets_later_ones_aside(tiny_data_dir, 
                                      "train.keep_checkpoints=5", "train.log_every=1"))
     run = tmp_path / "run"
     train(cfg, out_dir=run, console=quiet(), plots=False)
-    train(cfg, out_dir=run, console=quiet(), plots=False, resume=str(run / "checkpoints" / "step-0000002"))
+    shown = io.StringIO()
+    train(cfg, out_dir=run, console=Console(file=shown, width=200), plots=False,
+          resume=str(run / "checkpoints" / "step-0000002"))
+    assert ("set aside 2 later checkpoints of the abandoned branch: superseded-step-0000004, "
+            "superseded-step-0000006") in shown.getvalue()  # said, not done silently
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     # the abandoned continuation stays on disk, out of `--resume auto` and pruning
     assert names == ["latest", "step-0000002", "step-0000004", "step-0000006",
@@ -408,3 +412,14 @@ def test_ffn_out_lr_scale_moves_ffn_output_matrices_by_that_fraction_of_the_rate
             if moved.numel():
                 expected = 1e-3 * (0.25 if n in outputs else 1.0)
                 assert moved.median().item() == pytest.approx(expected, rel=1e-3), n
+
+
+def test_resuming_a_finished_run_names_whether_it_is_at_or_past_max_steps(tiny_data_dir, tmp_path):
+    from moe_lm.errors import RunError
+
+    cfg = load_config(TINY_MOE, tiny(tiny_data_dir, "train.max_steps=4"))
+    run = train(cfg, out_dir=tmp_path / "run", console=quiet(), plots=False).run_dir
+    for steps, where in ((4, "at step 4, already at train.max_steps = 4"), (2, "at step 4, past train.max_steps = 2")):
+        with pytest.raises(RunError, match=where):
+            train(load_config(TINY_MOE, tiny(tiny_data_dir, f"train.max_steps={steps}")), out_dir=run, console=quiet(),
+                  plots=False, resume="auto")

@@ -191,6 +191,7 @@ class Checkpointer:
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this session saved
         self.parts: Any = None  # the model, optimizer and grad scaler (step.Parts), from `restore` on
         self.alarm: Any = None  # the collapse alarm, whose counters a checkpoint keeps
+        self.set_aside: list[Path] = []  # later checkpoints `open` renamed superseded-* (resumed from an earlier one)
 
     def plan(self, resume: Optional[str], overwrite: bool) -> None:
         """Where training starts: `self.start`, a verified checkpoint of this config (its files,
@@ -211,7 +212,8 @@ class Checkpointer:
             raise DataError(f"checkpoint {found.checkpoint} was trained with another tokenizer than {tok}",
                             "point data.dir at the data folder the run was trained on")
         if found.finished:
-            raise RunError(f"checkpoint {found.checkpoint} is at step {found.step}, already at train.max_steps = "
+            where = "already at" if found.step == self.cfg.train.max_steps else "past"
+            raise RunError(f"checkpoint {found.checkpoint} is at step {found.step}, {where} train.max_steps = "
                            f"{self.cfg.train.max_steps}", f"train longer with train.max_steps={found.step * 2}")
         self.start = found
 
@@ -262,7 +264,8 @@ class Checkpointer:
             metrics.write_text("")
         else:
             ckpt_root = (run_dir / "checkpoints").resolve()
-            ckpt_io.set_aside_later(ckpt_root, step)  # checkpoints past the resume point: an abandoned branch
+            # checkpoints past the resume point: an abandoned branch (the trainer names them)
+            self.set_aside = ckpt_io.set_aside_later(ckpt_root, step)
             source = self.start.checkpoint.resolve().parent.parent / "metrics.jsonl"
             if self.start.checkpoint.resolve().parent == ckpt_root:
                 truncate_metrics(metrics, step)
