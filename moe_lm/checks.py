@@ -15,6 +15,7 @@ never costs a finished run or leaves anything half-written.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -160,3 +161,17 @@ def _exists(name: str, path: Path, hint: Optional[str]) -> None:
     if blocker is not None:
         raise ConfigError(f"{name} {path}: {blocker} is a file, not a folder", hint)
     raise ConfigError(f"{name} {path} does not exist", hint)
+
+
+def refuse_torchrun(command: Optional[str]) -> None:
+    """Only `train` runs as several processes (docs/DISTRIBUTED.md). Under torchrun every other
+    command would run once per process, each writing the same files (compare-dense's ranks then
+    stopped each other with a misleading "no checkpoint"): refused, one line, before any work."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world > 1 and command not in (None, "train"):
+        raise ConfigError(f"`moe-lm {command}` runs as one process, but torchrun started {world} (WORLD_SIZE={world})",
+                          f"run `moe-lm {command} ...` without torchrun: torchrun is for `moe-lm train`, "
+                          "see docs/DISTRIBUTED.md")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import sys
 import typing
 from pathlib import Path
@@ -18,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, signals
+from . import __version__, checks, signals
 from .data.prepare import PrepareOptions
-from .errors import ConfigError, MoeLmError
+from .errors import MoeLmError
 
 app = typer.Typer(
     name="moe-lm",
@@ -65,20 +64,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _refuse_torchrun(command: Optional[str]) -> None:
-    """Only `train` runs as several processes (docs/DISTRIBUTED.md). Under torchrun every other
-    command would run once per process, each writing the same files (compare-dense's ranks then
-    stopped each other with a misleading "no checkpoint"): refused, one line, before any work."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    if world > 1 and command not in (None, "train"):
-        raise ConfigError(f"`moe-lm {command}` runs as one process, but torchrun started {world} (WORLD_SIZE={world})",
-                          f"run `moe-lm {command} ...` without torchrun: torchrun is for `moe-lm train`, "
-                          "see docs/DISTRIBUTED.md")
-
-
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -95,7 +80,7 @@ def main(
       moe-lm compare-dense --config configs/tiny-moe.yaml --seeds 3
     """
     _state["debug"] = debug
-    _refuse_torchrun(ctx.invoked_subcommand)
+    checks.refuse_torchrun(ctx.invoked_subcommand)
     # NOTE: SIGTERM (kill, docker stop, schedulers, torchrun) stops every command as Ctrl-C does:
     # cleanups run, the trainer saves, the exit status is 128 + the signal (130 / 143)
     ctx.call_on_close(signals.raise_on_stop_signals())
@@ -254,7 +239,6 @@ def info(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size \\[default: model.vocab_size, else the data folder's, else data.vocab_size, else 8192 (prepare's default); the output says which]."),
 ) -> None:
     """Total vs active parameters, FLOPs per token, the dense twin, and a training-memory estimate."""
-    from . import checks
     from .config import load_config
     from .model.accounting import render_info
 
