@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import statistics
 import time
@@ -29,7 +30,7 @@ from typing import Any, Optional
 
 from . import checks
 from .config import LIMITS, SEED_MAX, Config, config_differences
-from .errors import CheckpointError, ConfigError, RunError
+from .errors import ConfigError, RunError
 from .files import write_atomic
 
 VARIANT_LABELS = {"moe": "MoE", "dense": "dense twin (equal active FLOPs)", "dense-total": "dense, equal total params"}
@@ -66,6 +67,11 @@ def check_options(cfg: Config, *, seeds: int, lr_sweep: Optional[list[float]], o
     lim = LIMITS["train.lr"]
     for lr in lr_sweep or []:
         checks.option_number("--lr-sweep", lr, lim.lo, lim.hi, lo_open=lim.lo_open, hint="e.g. --lr-sweep 1e-3,3e-3,6e-3")
+    names = [f"{lr:g}" for lr in lr_sweep or []]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # one run folder (sweep/<variant>-lr<rate>, the rate to 6 digits) for two rates
+        raise ConfigError(f"--lr-sweep lists {', '.join(twice)} more than once (to 6 significant digits)",
+                          "list each rate once")
     checks.device("--device", device)
     checks.out_folder("--out", out_dir)
     if reuse_moe is not None:
@@ -75,7 +81,8 @@ def check_options(cfg: Config, *, seeds: int, lr_sweep: Optional[list[float]], o
 
 
 def parse_lr_sweep(text: str) -> list[float]:
-    """'1e-3,3e-3' -> [0.001, 0.003]; ConfigError for anything but positive finite learning rates."""
+    """'1e-3,3e-3' -> [0.001, 0.003]; ConfigError for an empty entry or one that is not a number
+    (check_options then checks each rate's range and that no two share a run folder)."""
     items = [v.strip() for v in text.split(",")]
     if items and not items[-1]:
         items.pop()  # a trailing comma
@@ -88,13 +95,7 @@ def parse_lr_sweep(text: str) -> list[float]:
     except ValueError:
         raise ConfigError(f"--lr-sweep {text!r} is not a comma-separated list of numbers",
                           "e.g. --lr-sweep 1e-3,3e-3,6e-3") from None
-    twice = sorted({f"{lr:g}" for lr in lrs if sum(f"{o:g}" == f"{lr:g}" for o in lrs) > 1})
-    if twice:  # the same run folder (sweep/<variant>-lr<rate>) twice
-        raise ConfigError(f"--lr-sweep {text!r} lists {', '.join(twice)} more than once", "list each rate once")
-    lim = LIMITS["train.lr"]
-    for lr in lrs:
-        checks.option_number("--lr-sweep", lr, lim.lo, lim.hi, lo_open=lim.lo_open, hint="e.g. --lr-sweep 1e-3,3e-3,6e-3")
-    return lrs
+    return lrs  # each checked, and checked against the others, by check_options
 
 
 def variant_configs(cfg: Config, with_dense_total: bool = False) -> dict[str, Config]:
@@ -154,12 +155,13 @@ def _train_or_reuse(cfg: Config, run_dir: Path, console, overwrite: bool) -> boo
     return False
 
 
-def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
-    """Copy a finished `moe-lm train` run of cfg into run_dir (compare-dense --reuse-moe), in place
-    of what run_dir holds; src is checked first (runs.finished_run), so a refusal deletes nothing."""
+def _adopt_run(src: Path, cfg: Config, run_dir: Path, option: str = "--reuse-moe") -> None:
+    """Copy a finished run of cfg into run_dir, in place of what run_dir holds: --reuse-moe's
+    `moe-lm train` run, or the sweep's run as the first seed. src is checked first
+    (runs.finished_run; `option` names it in the message), so a refusal deletes nothing."""
     from .training.runs import finished_run
 
-    finished_run(src, cfg)
+    finished_run(src, cfg, option=option)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.with_name(run_dir.name + ".tmp")
@@ -168,32 +170,33 @@ def _adopt_run(src: Path, cfg: Config, run_dir: Path) -> None:
     tmp.rename(run_dir)
 
 
-def _check_reuse_moe(src: Path, moe_cfg: Config, cfg: Config, lr_sweep: Optional[list[float]]) -> None:
-    """Before anything trains: --reuse-moe's run must be a finished run of the MoE's seed run, at
-    the config's train.lr, or under --lr-sweep at one of the swept rates (which one the seeds use
-    is known only after the sweep; a run at none of them could never be used)."""
-    from .training.runs import finished_run
+def _check_reuse_moe(src: Path, moe_cfg: Config, cfg: Config, lr_sweep: Optional[list[float]]) -> float:
+    """Before anything trains: --reuse-moe's run must be a finished run of the MoE's first seed at
+    the config's train.lr, or under --lr-sweep at one of the swept rates (the sweep then takes it
+    as its run at that rate). Returns the rate. A run at none of the swept rates is refused as
+    such; any other difference (length, model...) by runs.finished_run's own message."""
+    from .training.runs import check_reusable, finished_run, run_lr
 
-    rates = lr_sweep or [cfg.train.lr]
-    errors = []
-    for lr in rates:
-        try:
-            finished_run(src, _run_config(moe_cfg, cfg.name, "moe", cfg.train.seed, lr))
-            return
-        except (RunError, CheckpointError) as exc:
-            errors.append(exc)
-    if not lr_sweep:
-        raise errors[0]
-    raise RunError(f"--reuse-moe {src} is a run at none of the --lr-sweep rates ({', '.join(f'{lr:g}' for lr in rates)}): "
-                   f"{errors[0].message}", "add the run's train.lr to --lr-sweep, or drop --reuse-moe")
+    rate = cfg.train.lr
+    if lr_sweep:
+        check_reusable(src)
+        own = run_lr(src)
+        rate = next((lr for lr in lr_sweep if own is not None and math.isclose(lr, own, rel_tol=1e-12)), None)
+        if rate is None:
+            raise RunError(f"--reuse-moe {src} was trained at train.lr {own:g}, none of the --lr-sweep rates "
+                           f"({', '.join(f'{lr:g}' for lr in lr_sweep)})" if own is not None else
+                           f"--reuse-moe {src}: its train.lr cannot be read from its checkpoint",
+                           "add the run's train.lr to --lr-sweep, or drop --reuse-moe")
+    finished_run(src, _run_config(moe_cfg, cfg.name, "moe", cfg.train.seed, rate))
+    return rate
 
 
 def _final_eval(run_dir: Path, device: str, data_dir: Path) -> dict:
     """Perplexity over every validation token of the run's last checkpoint on `data_dir` (the run
     config's data.dir), cached in eval.json. The cache counts only for the same checkpoint, every
-    window of the val split, the same data folder, and an eval.json newer than that folder's
-    meta.json: an `eval --data OTHER` or a data folder prepared again is evaluated anew."""
-    from .evaluation import run_eval
+    window of the val split and the same data (evaluation.data_fingerprint: meta.json's checksum):
+    an `eval --data OTHER`, or the data folder prepared again, is evaluated anew."""
+    from .evaluation import data_fingerprint, run_eval
     from .training import checkpoint as ckpt_io
 
     latest = ckpt_io.find_latest(run_dir)
@@ -202,8 +205,8 @@ def _final_eval(run_dir: Path, device: str, data_dir: Path) -> dict:
         try:
             prev = json.loads(cached.read_text(encoding="utf-8"))
             if (prev.get("checkpoint") == str(latest) and prev.get("windows") == "all" and prev.get("split") == "val"
-                    and prev.get("data_dir") and Path(prev["data_dir"]).resolve() == data_dir.resolve()
-                    and cached.stat().st_mtime >= (data_dir / "meta.json").stat().st_mtime):
+                    and prev.get("data_fingerprint") is not None
+                    and prev["data_fingerprint"] == data_fingerprint(data_dir)):
                 return prev
         except (OSError, json.JSONDecodeError):
             pass
@@ -259,8 +262,7 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
 
     # 0. the runs already there, before anything trains: of this config and length, or refused -----
     seed_list = [cfg.train.seed + i for i in range(seeds)]
-    if reuse_moe is not None:
-        _check_reuse_moe(Path(reuse_moe), variants["moe"], cfg, lr_sweep)
+    reuse_rate = _check_reuse_moe(Path(reuse_moe), variants["moe"], cfg, lr_sweep) if reuse_moe is not None else None
     if not overwrite:
         planned = [(_run_config(vcfg, cfg.name, v, cfg.train.seed, lr), _sweep_dir(out, v, lr))
                    for v, vcfg in variants.items() for lr in (lr_sweep or [])]
@@ -280,9 +282,14 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
                 rc = _run_config(vcfg, cfg.name, v, cfg.train.seed, lr)
                 run_dir = _sweep_dir(out, v, lr)
                 console.rule(f"lr sweep: {VARIANT_LABELS[v]}, lr {lr:g}")
-                _train_or_reuse(rc, run_dir, console, overwrite)
+                adopt = v == "moe" and lr == reuse_rate  # --reuse-moe's run is the sweep's at its rate
+                if adopt and (overwrite or not run_dir.exists()):
+                    _adopt_run(Path(reuse_moe), rc, run_dir)
+                    console.print(f"{VARIANT_LABELS[v]}, lr {lr:g}: the run {reuse_moe} (copied to {run_dir})",
+                                  highlight=False)
+                _train_or_reuse(rc, run_dir, console, overwrite and not adopt)
                 sweep[v][f"{lr:g}"] = _final_eval(run_dir, device, Path(rc.data.dir))["loss"]
-            lrs[v] = float(min(sweep[v], key=sweep[v].get))
+            lrs[v] = min(lr_sweep, key=lambda lr: sweep[v][f"{lr:g}"])  # the rate itself, not its 6 digits
 
     # 2. the seeds, paired: seed s of every variant before seed s + 1 --------------------------------
     runs: list[RunSummary] = []
@@ -293,20 +300,15 @@ def compare_dense(cfg: Config, *, seeds: int = 3, with_dense_total: bool = False
             console.rule(f"{VARIANT_LABELS[v]}, seed {s} ({seed_list.index(s) + 1}/{len(seed_list)})")
             # seed 0 is a run already made: --reuse-moe's, or the sweep's at the rate it chose (the
             # same config, seed and rate: training it again would give the same weights)
-            src, from_reuse = None, reuse_moe is not None and v == "moe"
-            if s == cfg.train.seed:
-                src = Path(reuse_moe) if from_reuse else (_sweep_dir(out, v, lrs[v]) if lr_sweep else None)
+            src = None
+            if s == cfg.train.seed and lr_sweep:
+                src = _sweep_dir(out, v, lrs[v])
+            elif s == cfg.train.seed and reuse_moe is not None and v == "moe":
+                src = Path(reuse_moe)
             adopt = src is not None
             if adopt and (overwrite or not run_dir.exists()):
-                try:
-                    _adopt_run(src, rc, run_dir)
-                except (RunError, CheckpointError) as exc:
-                    if not (from_reuse and lr_sweep):
-                        raise
-                    raise RunError(f"the sweep chose lr {lrs[v]:g} for the MoE, and --reuse-moe {src} was not "
-                                   f"trained with it: {exc.message}", "drop --reuse-moe, or compare at the "
-                                   "run's own train.lr without --lr-sweep") from None
-                what = f"the run {src}" if from_reuse else f"the sweep's run at lr {lrs[v]:g}"
+                _adopt_run(src, rc, run_dir, option="--reuse-moe" if not lr_sweep else "the sweep's run")
+                what = f"the sweep's run at lr {lrs[v]:g}" if lr_sweep else f"the run {src}"
                 console.print(f"{VARIANT_LABELS[v]}, seed {s}: {what} (copied to {run_dir})", highlight=False)
             reused = _train_or_reuse(rc, run_dir, console, overwrite and not adopt)
             if reused:

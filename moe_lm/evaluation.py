@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .errors import DataError
-from .files import write_atomic
+from .files import sha256_file, write_atomic
 from .stats import STARVED, perplexity
 
 TOP_TOKENS = 8  # tokens listed per expert
@@ -117,6 +117,7 @@ class EvalReport:
     checkpoint: Optional[str] = None
     step: Optional[int] = None
     data_dir: Optional[str] = None
+    data_fingerprint: Optional[str] = None  # sha256 of the data folder's meta.json (its files' checksums)
     name: Optional[str] = None  # the run's config name
     moe: Optional[dict] = None  # router, n_experts, top_k, n_shared_experts, capacity_factor; None = dense
     passages: list[Passage] = field(default_factory=list)
@@ -383,6 +384,16 @@ def check_options(*, split: str = "val", batches: Optional[int] = None, all_toke
     return None if all_tokens else (batches if batches is not None else RUN_SAMPLE)
 
 
+def data_fingerprint(data_dir: Path) -> Optional[str]:
+    """sha256 of `data_dir`'s meta.json, which lists every file's checksum and the time it was
+    prepared: equal only for the same data, wherever the folder is and whatever path names it
+    (compare-dense's eval cache). None when there is no meta.json to read."""
+    try:
+        return sha256_file(Path(data_dir) / "meta.json")
+    except OSError:
+        return None
+
+
 def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] = RUN_SAMPLE,
              data_dir: Optional[Path] = None,
              out_dir: Optional[Path] = None, device: str = "auto", console: Any = None,
@@ -455,6 +466,7 @@ def run_eval(path: Path | str, *, split: str = "val", n_batches: Optional[int] =
         for p in report.passages:
             p.source = f"{split} {p.source}"
     report.split, report.checkpoint, report.step, report.data_dir = split, str(loaded.checkpoint), loaded.step, str(data_dir)
+    report.data_fingerprint = data_fingerprint(data_dir)
     report.name = cfg.name
     m = cfg.model.moe
     if m is not None:

@@ -350,7 +350,7 @@ def test_gap_vs_tokens_pairs_seeds_by_step():
 def test_the_final_eval_cache_counts_only_for_the_runs_own_data_folder(tiny_data_dir, tmp_path, monkeypatch):
     # an `eval --data OTHER` on a seed run wrote eval.json over another corpus (same tokenizer):
     # compare-dense took it as the seed's perplexity (a newcomer's trial: 315.95 became 328.04)
-    import os
+    import shutil
 
     import moe_lm.evaluation as evaluation
     from moe_lm.compare import _final_eval
@@ -371,15 +371,14 @@ def test_the_final_eval_cache_counts_only_for_the_runs_own_data_folder(tiny_data
     again = _final_eval(run, "cpu", tiny_data_dir)
     assert calls == [tiny_data_dir] and again["n_tokens"] == full["n_tokens"] and again["loss"] == full["loss"]
     assert _final_eval(run, "cpu", tiny_data_dir)["loss"] == full["loss"] and len(calls) == 1  # now cached
-    # the data folder prepared again after the evaluation: evaluated anew
-    meta = tiny_data_dir / "meta.json"
-    stat = meta.stat()
-    later = (run / "eval.json").stat().st_mtime + 10
-    try:
-        os.utime(meta, (later, later))
-        _final_eval(run, "cpu", tiny_data_dir)
-    finally:
-        os.utime(meta, (stat.st_atime, stat.st_mtime))
+    # the data folder prepared again (its meta.json, with the files' checksums and the time, differs):
+    # evaluated anew (a copy of the session's folder: it is read-only)
+    again_dir = tmp_path / "again"
+    shutil.copytree(tiny_data_dir, again_dir)
+    assert _final_eval(run, "cpu", again_dir)["loss"] == full["loss"] and len(calls) == 1  # the same data, elsewhere
+    meta = json.loads((again_dir / "meta.json").read_text())
+    (again_dir / "meta.json").write_text(json.dumps({**meta, "created": "2030-01-01T00:00:00+00:00"}))
+    _final_eval(run, "cpu", again_dir)
     assert len(calls) == 2
 
 
@@ -392,13 +391,15 @@ def test_an_lr_sweep_picks_each_variants_rate_and_its_seed_0_run_is_the_sweeps(t
     trained = []
     real = trainer.train
     monkeypatch.setattr(trainer, "train", lambda c, **k: trained.append((c.train.lr, k["out_dir"].name)) or real(c, **k))
-    rep = compare_dense(cfg, seeds=2, lr_sweep=[1e-4, 6e-3], out_dir=tmp_path / "c", console=quiet())
+    # 6.0000001e-3: a rate its folder name (6 digits, lr0.006) does not spell out; the seeds must
+    # train at the rate itself (reading it back from the name crashed the copy of seed 0)
+    rates = {"0.0001": 1e-4, "0.006": 6.0000001e-3}
+    rep = compare_dense(cfg, seeds=2, lr_sweep=list(rates.values()), out_dir=tmp_path / "c", console=quiet())
     out = tmp_path / "c"
     for v in ("moe", "dense"):
-        losses = {lr: json.loads((out / "sweep" / f"{v}-lr{lr}" / "eval.json").read_text())["loss"]
-                  for lr in ("0.0001", "0.006")}
+        losses = {lr: json.loads((out / "sweep" / f"{v}-lr{lr}" / "eval.json").read_text())["loss"] for lr in rates}
         best = min(losses, key=losses.get)
-        assert rep["variants"][v]["lr"] == float(best)  # the lower validation loss of the two
+        assert rep["variants"][v]["lr"] == rates[best]  # the lower validation loss of the two
         ckpt = "checkpoints/step-0000006/model.safetensors"  # seed 0: the sweep's run, not trained again
         assert (out / "runs" / f"{v}-seed0" / ckpt).read_bytes() == (out / "sweep" / f"{v}-lr{best}" / ckpt).read_bytes()
     # 2 variants x 2 rates, then only seed 1 of each (the trial's fault: seed 0 trained a second time)
@@ -422,3 +423,36 @@ def test_reuse_moe_at_a_rate_the_sweep_does_not_hold_is_refused_before_anything_
         compare_dense(cfg, seeds=1, lr_sweep=[1e-3, 3e-3], out_dir=tmp_path / "c", console=quiet(), reuse_moe=run)
     assert "add the run's train.lr to --lr-sweep" in str(e.value)
     assert not (tmp_path / "c" / "sweep").exists()
+
+
+def test_reuse_moe_under_an_lr_sweep_is_the_sweeps_run_at_its_rate(tiny_data_dir, tmp_path, monkeypatch):
+    import moe_lm.training.trainer as trainer
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))  # train.lr 6e-3
+    run = train(cfg, out_dir=tmp_path / "run", console=quiet(), plots=False).run_dir
+    trained = []
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda c, **k: trained.append(k["out_dir"].name) or real(c, **k))
+    rep = compare_dense(cfg, seeds=1, lr_sweep=[1e-4, 6e-3], out_dir=tmp_path / "c", console=quiet(), reuse_moe=run)
+    # the MoE at 6e-3 is the user's run, copied, never trained again; seed 0 is the sweep's chosen run
+    assert sorted(trained) == ["dense-lr0.0001", "dense-lr0.006", "moe-lr0.0001"]
+    ckpt = "checkpoints/step-0000006/model.safetensors"
+    assert (tmp_path / "c" / "sweep" / "moe-lr0.006" / ckpt).read_bytes() == (run / ckpt).read_bytes()
+    best = rep["variants"]["moe"]["lr"]
+    assert (tmp_path / "c" / "runs" / "moe-seed0" / ckpt).read_bytes() == (
+        tmp_path / "c" / "sweep" / f"moe-lr{best:g}" / ckpt).read_bytes()
+
+
+def test_reuse_moe_under_an_lr_sweep_is_refused_for_what_is_wrong_with_it(tiny_data_dir, tmp_path, monkeypatch):
+    import moe_lm.training.trainer as trainer
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))
+    short = train(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.max_steps=3")),
+                  out_dir=tmp_path / "short", console=quiet(), plots=False).run_dir
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    # its rate is swept: the length is what is wrong, and the message says so (not "none of the rates")
+    with pytest.raises(RunError, match="not a run of train.max_steps = 6") as e:
+        compare_dense(cfg, seeds=1, lr_sweep=[1e-3, 6e-3], out_dir=tmp_path / "c", console=quiet(), reuse_moe=short)
+    assert "none of the --lr-sweep rates" not in str(e.value)
+    with pytest.raises(ConfigError, match="lists 0.001 more than once"):  # a list, as the library takes it
+        compare_dense(cfg, seeds=1, lr_sweep=[1e-3, 1.0000001e-3], out_dir=tmp_path / "d", console=quiet())

@@ -115,30 +115,40 @@ def find_run(where: Path | str, cfg: Config, asked_by: str = "train") -> Optiona
     return FoundRun(ckpt, state, state["step"] >= cfg.train.max_steps)
 
 
-def check_reusable(src: Path) -> None:
+def check_reusable(src: Path, option: str = "--reuse-moe") -> None:
     """compare-dense --reuse-moe, before anything is trained or the config is complete: `src` is a
     folder holding a checkpoint (RunError otherwise: no finished run there)."""
     src = Path(src)
     if src.exists() or checks.blocking_file(src) is not None:  # a file where the run folder should be
-        checks.in_folder("--reuse-moe", src, "pass a finished `moe-lm train` run folder, or leave out --reuse-moe")
+        checks.in_folder(option, src, "pass a finished `moe-lm train` run folder, or leave out --reuse-moe")
     if (ckpt_io.find_latest(src) if src.is_dir() else None) is None:
-        raise RunError(f"--reuse-moe {src}: no finished run there (no checkpoint)",
+        raise RunError(f"{option} {src}: no finished run there (no checkpoint)",
                        "train it first (moe-lm train --config ...), or leave out --reuse-moe")
 
 
-def finished_run(src: Path, cfg: Config) -> FoundRun:
-    """compare-dense --reuse-moe: the finished `moe-lm train` run of `cfg` at `src`; RunError when
-    there is none, it is of another config, of another length (FoundRun.length_problem), or it
-    stopped before train.max_steps."""
-    check_reusable(src)
-    found = find_run(src, cfg, asked_by="--reuse-moe")
+def run_lr(src: Path) -> Optional[float]:
+    """train.lr of the run at `src`, from its latest checkpoint's config.yaml (None when unreadable)."""
+    latest = ckpt_io.find_latest(Path(src))
+    try:
+        saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8")) or {}
+        return float(saved["train"]["lr"])
+    except (OSError, TypeError, yaml.YAMLError, KeyError, ValueError):
+        return None
+
+
+def finished_run(src: Path, cfg: Config, option: str = "--reuse-moe") -> FoundRun:
+    """The finished run of `cfg` at `src` (compare-dense --reuse-moe's run, or a sweep's run taken
+    as a first seed; `option` names it in messages); RunError when there is none, it is of another
+    config, of another length (FoundRun.length_problem), or it stopped before train.max_steps."""
+    check_reusable(src, option)
+    found = find_run(src, cfg, asked_by=option if option in OTHER_CONFIG_FIX else "compare-dense")
     problem = found.length_problem(cfg.train.max_steps)
     if problem is not None:
         fix = ("pass a run trained to train.max_steps from its start (this one was extended by `train --resume`)"
                if found.extended else "give compare-dense the run's own train.max_steps, or pass a run trained to this one")
-        raise RunError(f"--reuse-moe {src} is not a run of train.max_steps = {cfg.train.max_steps}: {problem}", fix)
+        raise RunError(f"{option} {src} is not a run of train.max_steps = {cfg.train.max_steps}: {problem}", fix)
     if not found.finished:
-        raise RunError(f"--reuse-moe {src} stopped at step {found.step} of {cfg.train.max_steps}",
+        raise RunError(f"{option} {src} stopped at step {found.step} of {cfg.train.max_steps}",
                        f"finish it first (moe-lm train --config ... --resume auto --out {src})")
     return found
 
