@@ -180,7 +180,7 @@ def time_layer(cfg, fused, cpp_ffn, rounds: int) -> dict:
     layer, x, token, expert, weight, g = demo_layer(cfg)
     xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
     keep, out = torch.get_num_threads(), {}
-    for threads in (1, keep):
+    for threads in sorted({1, keep}):
         torch.set_num_threads(threads)
         times = {"fused": [], "cpp": []}
         for i in range(rounds + 5):

@@ -82,4 +82,7 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~umask())
+    try:
+        os.chmod(path, 0o666 & ~umask())
+    except OSError:  # a filesystem without modes (some network mounts): the file is written all the same
+        pass

@@ -217,6 +217,8 @@ def test_resume_from_an_earlier_checkpoint_sets_later_ones_aside(tiny_data_dir, 
           resume=str(run / "checkpoints" / "step-0000002"))
     assert ("set aside 2 later checkpoints of the abandoned branch: superseded-step-0000004, "
             "superseded-step-0000006") in shown.getvalue()  # said, not done silently
+    assert [r["message"][:33] for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "superseded"] == [
+        "set aside 2 later checkpoints of "]
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     # the abandoned continuation stays on disk, out of `--resume auto` and pruning
     assert names == ["latest", "step-0000002", "step-0000004", "step-0000006",

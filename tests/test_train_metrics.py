@@ -106,7 +106,24 @@ def test_plain_display_prints_periodic_lines_when_not_a_terminal():
         d.on_eval({"step": 10, "val_loss": 3.1, "val_ppl": 22.2, "layers": rec["layers"]})
     out = buf.getvalue()
     assert "step     10/20  loss 3.0000" in out and "val_ppl 22.20" in out and "max/mean 1.00" in out
+    assert "per batch" not in out  # a record from before batch_max_mean: nothing made up
     assert "\x1b[" not in out  # no escape codes in a log file
+
+
+def test_the_display_shows_the_per_batch_max_mean_of_the_layer_the_alarm_would_name():
+    buf = io.StringIO()
+    collapsed = {"layer": 0, "load": [0.75, 0.25], "max_mean": 1.5, "cv": 0.5, "dropped_frac": 0.0, "entropy": 0.6,
+                 "batch_max_mean": 1.6}
+    noisy = {"layer": 1, "load": [0.55, 0.45], "max_mean": 1.1, "cv": 0.1, "dropped_frac": 0.0, "entropy": 0.6,
+             "batch_max_mean": 1.9}
+    rec = {"step": 10, "tokens": 100, "loss": 3.0, "ce_loss": 2.9, "ppl": 18.2, "lr": 1e-3, "tokens_per_s": 900.0,
+           "grad_norm": 0.5, "aux_loss": 0.01, "z_loss": 0.0, "layers": [collapsed, noisy]}
+    with TrainDisplay(Console(file=buf, width=200), name="x", start_step=0, max_steps=20, log_every=10) as d:
+        d.on_train(rec)
+        d.on_eval({"step": 10, "val_loss": 3.1, "val_ppl": 22.2, "layers": rec["layers"]})
+    out = buf.getvalue()
+    assert "max/mean 1.50, per batch 1.60 (layer 0)" in out  # the layer with the largest summed max/mean
+    assert "max/mean 1.10  per batch 1.90  cv 0.10" in out  # each layer on the eval lines
 
 
 def test_perplexity_caps_instead_of_overflowing():

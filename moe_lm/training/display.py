@@ -57,9 +57,10 @@ class DisplayState:
     notes: list[str] = field(default_factory=list)
 
 
-def _per_batch(layer: dict) -> float:
-    """A layer record's batch_max_mean (records written before it existed: its max_mean)."""
-    return layer.get("batch_max_mean", layer["max_mean"])
+def _per_batch(layer: dict, label: str = "") -> str:
+    """label + a layer record's batch_max_mean, or "" for a record written before it existed."""
+    value = layer.get("batch_max_mean")
+    return "" if value is None else f"{label}{value:.2f}"
 
 
 class TrainDisplay:
@@ -116,9 +117,9 @@ class TrainDisplay:
         line = (f"step {rec['step']:>6}/{self.s.max_steps}  loss {rec['loss']:.4f}  ppl {rec['ppl']:.2f}  "
                 f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  grad {rec['grad_norm']:.3f}")
         if rec.get("layers"):
-            worst = max(rec["layers"], key=_per_batch)
+            worst = max(rec["layers"], key=lambda ll: ll["max_mean"])  # as the collapse alarm ranks layers
             line += (f"  bal {rec['aux_loss']:.4f}  z {rec['z_loss']:.4f}  "
-                     f"max/mean {worst['max_mean']:.2f}, per batch {_per_batch(worst):.2f} (layer {worst['layer']})")
+                     f"max/mean {worst['max_mean']:.2f}{_per_batch(worst, ', per batch ')} (layer {worst['layer']})")
         self.console.print(line + eta, markup=False, highlight=False, soft_wrap=True)
 
     def on_eval(self, rec: dict) -> None:
@@ -130,8 +131,8 @@ class TrainDisplay:
                            markup=False, highlight=False, soft_wrap=True)
         for ll in rec.get("layers", []):
             self.console.print(
-                f"  layer {ll['layer']:>2} load {plain_heat_row(ll['load'])}  max/mean {ll['max_mean']:.2f}  "
-                f"per batch {_per_batch(ll):.2f}  cv {ll['cv']:.2f}  dropped {ll['dropped_frac']:.1%}",
+                f"  layer {ll['layer']:>2} load {plain_heat_row(ll['load'])}  max/mean {ll['max_mean']:.2f}"
+                f"{_per_batch(ll, '  per batch ')}  cv {ll['cv']:.2f}  dropped {ll['dropped_frac']:.1%}",
                 markup=False, highlight=False, soft_wrap=True)
 
     def on_alarms(self, active: list[Alarm], fired: list[Alarm]) -> None:
@@ -194,7 +195,7 @@ class TrainDisplay:
                 for ll in r["layers"]:
                     mm_style = "red" if ll["max_mean"] > OVERLOADED else ""
                     t.add_row(str(ll["layer"]), heat_row(ll["load"]), Text(f"{ll['max_mean']:.2f}", style=mm_style),
-                              f"{_per_batch(ll):.2f}", f"{ll['cv']:.2f}", f"{ll['dropped_frac']:.1%}", f"{ll['entropy']:.2f}")
+                              _per_batch(ll) or "-", f"{ll['cv']:.2f}", f"{ll['dropped_frac']:.1%}", f"{ll['entropy']:.2f}")
                 body.append(t)
         for msg in self.s.alarms[:4]:
             body.append(Text(f"⚠ {msg}", style="yellow"))

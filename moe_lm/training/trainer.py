@@ -231,9 +231,10 @@ class Trainer:
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
         aside = self.checkpointer.set_aside
         if aside:  # resumed from an earlier checkpoint: the later ones leave --resume auto and pruning
-            self.console.print(f"set aside {len(aside)} later checkpoint{'s' if len(aside) > 1 else ''} of the abandoned "
-                               f"branch: {', '.join(p.name for p in aside)} (kept in {aside[0].parent})",
-                               markup=False, highlight=False, soft_wrap=True)
+            message = (f"set aside {len(aside)} later checkpoint{'s' if len(aside) > 1 else ''} of the abandoned "
+                       f"branch: {', '.join(p.name for p in aside)} (kept in {aside[0].parent})")
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            self.log.write(event_record(step=step, event="superseded", message=message))
         for warning in config_warnings(cfg):  # valid but probably not meant (config.config_warnings)
             self.console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
             self.log.write(event_record(step=step, event="config_warning", message=warning))
