@@ -382,32 +382,34 @@ def test_the_final_eval_cache_counts_only_for_the_runs_own_data_folder(tiny_data
     assert len(calls) == 2
 
 
-def test_an_lr_sweep_picks_each_variants_rate_and_its_seed_0_run_is_the_sweeps(tiny_data_dir, tmp_path, monkeypatch):
+def test_an_lr_sweep_picks_each_variants_rate_its_seed_0_is_the_sweeps_run_and_reuse_moe_is_one_of_them(
+        tiny_data_dir, tmp_path, monkeypatch):
     import moe_lm.training.trainer as trainer
-    from moe_lm.compare import parse_lr_sweep
+    from moe_lm.compare import paired_lines, parse_lr_sweep, table_rows
 
     assert parse_lr_sweep("3e-3, 6e-3,") == [3e-3, 6e-3]
+    reuse = train(load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir, "train.lr=1e-4")),
+                  out_dir=tmp_path / "run", console=quiet(), plots=False).run_dir
     cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))
     trained = []
     real = trainer.train
-    monkeypatch.setattr(trainer, "train", lambda c, **k: trained.append((c.train.lr, k["out_dir"].name)) or real(c, **k))
+    monkeypatch.setattr(trainer, "train", lambda c, **k: trained.append(k["out_dir"].name) or real(c, **k))
     # 6.0000001e-3: a rate its folder name (6 digits, lr0.006) does not spell out; the seeds must
     # train at the rate itself (reading it back from the name crashed the copy of seed 0)
     rates = {"0.0001": 1e-4, "0.006": 6.0000001e-3}
-    rep = compare_dense(cfg, seeds=2, lr_sweep=list(rates.values()), out_dir=tmp_path / "c", console=quiet())
-    out = tmp_path / "c"
+    rep = compare_dense(cfg, seeds=2, lr_sweep=list(rates.values()), out_dir=tmp_path / "c", console=quiet(),
+                        reuse_moe=reuse)
+    out, ckpt = tmp_path / "c", "checkpoints/step-0000006/model.safetensors"
+    # the MoE at 1e-4 is the --reuse-moe run, copied in; seed 0 of each variant is its sweep run at
+    # the chosen rate (the trial's fault: trained a second time); only seed 1 trains after the sweep
+    assert sorted(trained) == ["dense-lr0.0001", "dense-lr0.006", "dense-seed1", "moe-lr0.006", "moe-seed1"]
+    assert (out / "sweep" / "moe-lr0.0001" / ckpt).read_bytes() == (reuse / ckpt).read_bytes()
     for v in ("moe", "dense"):
         losses = {lr: json.loads((out / "sweep" / f"{v}-lr{lr}" / "eval.json").read_text())["loss"] for lr in rates}
         best = min(losses, key=losses.get)
         assert rep["variants"][v]["lr"] == rates[best]  # the lower validation loss of the two
-        ckpt = "checkpoints/step-0000006/model.safetensors"  # seed 0: the sweep's run, not trained again
         assert (out / "runs" / f"{v}-seed0" / ckpt).read_bytes() == (out / "sweep" / f"{v}-lr{best}" / ckpt).read_bytes()
-    # 2 variants x 2 rates, then only seed 1 of each (the trial's fault: seed 0 trained a second time)
-    assert sorted(name for _, name in trained) == ["dense-lr0.0001", "dense-lr0.006", "dense-seed1",
-                                                   "moe-lr0.0001", "moe-lr0.006", "moe-seed1"]
     assert [r["seed"] for r in rep["runs"]] == [0, 0, 1, 1]
-    from moe_lm.compare import paired_lines, table_rows
-
     assert all(" ± " in c for c in {r[0]: r[1:] for r in table_rows(rep)}["val perplexity (mean ± std)"])
     assert "(std over pairs)" in paired_lines(rep)[0]
 
@@ -423,24 +425,6 @@ def test_reuse_moe_at_a_rate_the_sweep_does_not_hold_is_refused_before_anything_
         compare_dense(cfg, seeds=1, lr_sweep=[1e-3, 3e-3], out_dir=tmp_path / "c", console=quiet(), reuse_moe=run)
     assert "add the run's train.lr to --lr-sweep" in str(e.value)
     assert not (tmp_path / "c" / "sweep").exists()
-
-
-def test_reuse_moe_under_an_lr_sweep_is_the_sweeps_run_at_its_rate(tiny_data_dir, tmp_path, monkeypatch):
-    import moe_lm.training.trainer as trainer
-
-    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", tiny(tiny_data_dir))  # train.lr 6e-3
-    run = train(cfg, out_dir=tmp_path / "run", console=quiet(), plots=False).run_dir
-    trained = []
-    real = trainer.train
-    monkeypatch.setattr(trainer, "train", lambda c, **k: trained.append(k["out_dir"].name) or real(c, **k))
-    rep = compare_dense(cfg, seeds=1, lr_sweep=[1e-4, 6e-3], out_dir=tmp_path / "c", console=quiet(), reuse_moe=run)
-    # the MoE at 6e-3 is the user's run, copied, never trained again; seed 0 is the sweep's chosen run
-    assert sorted(trained) == ["dense-lr0.0001", "dense-lr0.006", "moe-lr0.0001"]
-    ckpt = "checkpoints/step-0000006/model.safetensors"
-    assert (tmp_path / "c" / "sweep" / "moe-lr0.006" / ckpt).read_bytes() == (run / ckpt).read_bytes()
-    best = rep["variants"]["moe"]["lr"]
-    assert (tmp_path / "c" / "runs" / "moe-seed0" / ckpt).read_bytes() == (
-        tmp_path / "c" / "sweep" / f"moe-lr{best:g}" / ckpt).read_bytes()
 
 
 def test_reuse_moe_under_an_lr_sweep_is_refused_for_what_is_wrong_with_it(tiny_data_dir, tmp_path, monkeypatch):

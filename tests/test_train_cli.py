@@ -68,6 +68,8 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_exits_128_plus_signal_and_resume_c
     assert stopped_at >= 3
     assert f"interrupted at step {stopped_at} ({signame})" in out and "--resume auto" in out
     assert [r.get("signal") for r in read_metrics(metrics) if r.get("event") == "interrupted"] == [signame]
+    if signame == "SIGINT":
+        return  # the checkpoint is the same either way: resuming it once (after SIGTERM) is enough
 
     done = moe_lm_train(*args, f"train.max_steps={stopped_at + 2}", "--resume", "auto", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
