@@ -371,7 +371,8 @@ def render_layer(r: dict, console) -> None:
 def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2,
                 vocab_size: Optional[int] = None, device: Optional[str] = None) -> dict:
     """Training tokens/s of cfg's MoE model and of its dense twin, measured alternately in one
-    process (median over `rounds` rounds of `steps` optimizer steps each), their ratio, model FLOP
+    process (median over `rounds` rounds of `steps` optimizer steps each), their ratio (and
+    `moe_over_dense_per_round`: each round's ratio, from two back-to-back timings), model FLOP
     utilisation against this machine's measured matmul peak, and the process's peak resident
     memory (`peak_rss_bytes`, both models together; None where the OS does not report it).
 
@@ -426,6 +427,9 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
                  "models": {name: _throughput(r, bs * seq, peak) for name, r in runs.items()}}
     if "moe" in out["models"]:
         out["moe_over_dense_tokens_per_s"] = out["models"]["moe"]["tokens_per_s"] / out["models"]["dense"]["tokens_per_s"]
+        # round i of each model ran back to back: their ratio is free of slow drifts of the machine's
+        # speed, and the spread over rounds shows how far one reading can be trusted
+        out["moe_over_dense_per_round"] = [d / m for m, d in zip(runs["moe"]["times"], runs["dense"]["times"])]
     out["name"] = cfg.name
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
@@ -469,7 +473,10 @@ def render_train(r: dict, console) -> None:
     console.print(f"vocabulary: {r['vocab_size']:,} tokens, from {r['vocab_from']}", markup=False, highlight=False)
     console.print(f"matmul peak ({r['precision']}): {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s", highlight=False)
     if "moe_over_dense_tokens_per_s" in r:
-        console.print(f"MoE / dense tokens/s: {r['moe_over_dense_tokens_per_s']:.3f}", highlight=False)
+        rounds = r.get("moe_over_dense_per_round") or []
+        spread = (f" (round by round: median {statistics.median(rounds):.3f}, {min(rounds):.3f}..{max(rounds):.3f} "
+                  f"over {len(rounds)} rounds)") if len(rounds) > 1 else ""
+        console.print(f"MoE / dense tokens/s: {r['moe_over_dense_tokens_per_s']:.3f}{spread}", highlight=False)
     if r.get("peak_rss_bytes"):
         console.print(f"peak resident memory of this process{' (both models)' if pair else ''}: "
                       f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB",

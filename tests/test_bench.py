@@ -347,3 +347,35 @@ def test_bench_against_commit_applies_this_to_this_checkouts_arms_only(monkeypat
     r = _bench_against_commit().main(["HEAD", "--this", "train.compile=true", *TINY_ARMS])
     assert len(compiled) == 2 and {type(m).__module__ for m in compiled} == {"moe_lm.model.transformer"}
     assert r["this_overrides"] == ["train.compile=true"] and all(v > 0 for v in r["tokens_per_s"].values())
+
+
+def test_bench_train_reports_the_ratio_round_by_round_from_its_own_timings(tmp_path, monkeypatch):
+    # one reading of the demo's ratio moved 0.79 -> 0.91 between processes: each round's pair of
+    # back-to-back timings is shown too, so a reader sees how far one figure can be trusted
+    import io
+
+    from rich.console import Console
+
+    from moe_lm.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny-moe.yaml", [f"data.dir={tmp_path}", "model.d_model=16", "model.n_heads=2",
+                                                            "model.seq_len=8", "model.ffn_hidden=8",
+                                                            "model.moe.n_experts=4", "model.moe.top_k=2",
+                                                            "train.batch_size=2"])
+    # a fake clock that only the steps move: the MoE's rounds take 2, 4, 2 s a step, the twin's 1 s
+    now = [0.0]
+    moe_steps = iter([2.0, 4.0, 2.0])
+
+    def step(r, inp, tgt, amp):
+        now[0] += next(moe_steps) if r["model"].moe_layer_ids() else 1.0
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench, "_train_step", step)
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda *a, **k: 1e12)
+    r = bench.bench_train(cfg, steps=1, rounds=3, warmup=0, device="cpu", vocab_size=64)
+    # tokens/s ratio = dense step time / MoE step time, round by round: 1/2, 1/4, 1/2
+    assert r["moe_over_dense_per_round"] == [0.5, 0.25, 0.5]
+    assert r["moe_over_dense_tokens_per_s"] == 0.5  # medians: MoE 2 s, dense 1 s a step
+    buf = io.StringIO()
+    bench.render_train(r, Console(file=buf, width=200))
+    assert "MoE / dense tokens/s: 0.500 (round by round: median 0.500, 0.250..0.500 over 3 rounds)" in buf.getvalue()
