@@ -175,11 +175,10 @@ def _check_reuse_moe(src: Path, moe_cfg: Config, cfg: Config, lr_sweep: Optional
     the config's train.lr, or under --lr-sweep at one of the swept rates (the sweep then takes it
     as its run at that rate). Returns the rate. A run at none of the swept rates is refused as
     such; any other difference (length, model...) by runs.finished_run's own message."""
-    from .training.runs import check_reusable, finished_run, run_lr
+    from .training.runs import finished_run, run_lr
 
     rate = cfg.train.lr
-    if lr_sweep:
-        check_reusable(src)
+    if lr_sweep:  # (check_options has made sure src holds a checkpoint)
         own = run_lr(src)
         rate = next((lr for lr in lr_sweep if own is not None and math.isclose(lr, own, rel_tol=1e-12)), None)
         if rate is None:

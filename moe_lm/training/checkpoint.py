@@ -230,18 +230,24 @@ def read_state(ckpt: Path) -> dict:
     return state
 
 
+def saved_config(ckpt: Path) -> dict:
+    """The config a checkpoint was trained with, as its config.yaml holds it (a plain nested
+    dict, not validated); {} when it cannot be read."""
+    try:
+        saved = yaml.safe_load((Path(ckpt) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def config_mismatch(ckpt: Path, state: dict, cfg: Config) -> list[str]:
     """What differs between the config a checkpoint was trained with and `cfg`, beyond
     RESUMABLE_CHANGES: one "key saved -> current" per difference ("its config hash differs" when
     its config.yaml cannot be read); [] for the same config."""
     if state.get("config_hash") == resume_hash(cfg):
         return []
-    try:
-        saved = yaml.safe_load((Path(ckpt) / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        saved = {}
     current = to_dict(cfg)
-    saved = with_added_keys(saved)  # a key added since it was saved: the value that trained as before
+    saved = with_added_keys(saved_config(ckpt))  # a key added since it was saved: the value that trained as before
     diffs = config_differences(saved, current, ignore=RESUMABLE_CHANGES)
     return [f"{k} {_shown(saved, k)} -> {_shown(current, k)}" for k in diffs] or ["its config hash differs"]
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 
 from .. import __version__, checks, distributed
 from ..config import Config, dump_yaml
@@ -69,9 +68,8 @@ class FoundRun:
         try:
             if "max_steps_history" in self.state:
                 return [int(n) for n in self.state["max_steps_history"]]
-            saved = yaml.safe_load((self.checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
-            return [int(saved["train"]["max_steps"])]
-        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):  # unreadable: not known
+            return [int(ckpt_io.saved_config(self.checkpoint)["train"]["max_steps"])]
+        except (KeyError, TypeError, ValueError):  # unreadable: not known
             return []
 
     @property
@@ -130,9 +128,8 @@ def run_lr(src: Path) -> Optional[float]:
     """train.lr of the run at `src`, from its latest checkpoint's config.yaml (None when unreadable)."""
     latest = ckpt_io.find_latest(Path(src))
     try:
-        saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8")) or {}
-        return float(saved["train"]["lr"])
-    except (OSError, TypeError, yaml.YAMLError, KeyError, ValueError):
+        return float(ckpt_io.saved_config(latest)["train"]["lr"]) if latest is not None else None
+    except (KeyError, TypeError, ValueError):
         return None
 
 
