@@ -34,6 +34,7 @@ from . import checks
 from .config import Config, MoEConfig
 from .device import device_name, openmp_settings, precision_name, resolve_device, synchronize
 from .errors import ConfigError
+from .model import gemm
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
@@ -110,19 +111,20 @@ def available_cores() -> int:
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
                         repeats: int = 5, inner: int = 5) -> float:
-    """Best observed FLOP/s of an n x n matmul on `device` (the machine's practical peak).
-    n: 1024 on a CPU; 8192 on a GPU (smaller products leave a big GPU far from its peak)."""
+    """Best observed FLOP/s of an n x n matmul on `device` (the machine's practical peak), through
+    model.gemm.mm (on a CPU the library the models' matmuls use). n: 1024 on a CPU; 8192 on a GPU
+    (smaller products leave a big GPU far from its peak)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
-        a @ b
+        gemm.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         t0 = time.perf_counter()
         for _ in range(inner):
-            a @ b
+            gemm.mm(a, b)
         synchronize(device)
         best = min(best, (time.perf_counter() - t0) / inner)
     return 2 * n**3 / best
@@ -283,7 +285,7 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
         "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
         "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
         "busy": busy, "busy_pids": busy_pids, "cores": available_cores(),
-        **openmp_settings(),
+        **openmp_settings(), "cpu_matmul": gemm.backend(),
         "torch": torch.__version__, "transformers": _version("transformers"),
     }
 
@@ -421,7 +423,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
             r["times"].append((time.perf_counter() - t0) / steps)
     peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
     out: dict = {"device": dev.type, "device_name": device_name(dev),
-                 "threads": torch.get_num_threads(), **openmp_settings(),
+                 "threads": torch.get_num_threads(), **openmp_settings(), "cpu_matmul": gemm.backend(),
                  "precision": precision_name(amp_dtype), "batch_tokens": bs * seq,
                  "vocab_size": cfg.model.vocab_size, "vocab_from": vocab_from, "matmul_peak_flops": peak,
                  "models": {name: _throughput(r, bs * seq, peak) for name, r in runs.items()}}

@@ -5,6 +5,7 @@ ConfigError (one line, exit 2) naming the key or option, the value and what is a
     number("train.seed", s, lo=0, hi=SEED_MAX, integer=True)
     choice("--dispatch", d, ("fused", "grouped_mm"))
     device("--device", name)                             # one of DEVICES, and present on this machine
+    cpu_matmul()                                         # MOE_LM_CPU_MATMUL: one of CPU_MATMULS (device checks it)
     out_folder("--out", path)                            # not a file, no file on the way to it
     in_file("--config", path, hint) / in_folder("--data", path, hint)
 
@@ -22,6 +23,8 @@ from typing import Any, Iterable, Optional
 from .errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CPU_MATMUL_ENV = "MOE_LM_CPU_MATMUL"
+CPU_MATMULS = ("auto", "onednn", "blas")  # the library of float32 CPU matmuls (model.gemm)
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a 64-bit integer; numpy any non-negative one
 
 
@@ -99,10 +102,12 @@ def choice(name: str, value: Any, allowed: Iterable[str], hint: Optional[str] = 
 
 
 def device(name: str, value: str, allowed: Iterable[str] = DEVICES) -> None:
-    """One of `allowed` (DEVICES by default) and, for cuda / mps, present on this machine. Every
-    command's --device and train.device go through here before any work."""
+    """One of `allowed` (DEVICES by default) and, for cuda / mps, present on this machine; and the
+    environment's MOE_LM_CPU_MATMUL (cpu_matmul). Every command's --device and train.device go
+    through here before any work."""
     allowed = tuple(allowed)
     choice(name, value, allowed)
+    cpu_matmul()
     if value not in ("cuda", "mps"):
         return
     import torch
@@ -112,6 +117,18 @@ def device(name: str, value: str, allowed: Iterable[str] = DEVICES) -> None:
     if not present:
         others = " or ".join(_fix(name, v) for v in ("auto", "cpu") if v in allowed)
         raise ConfigError(f"{_said(name, value)} but torch sees no {value.upper()} device", f"use {others}")
+
+
+def cpu_matmul() -> str:
+    """The library asked for float32 matmuls on a CPU, from the environment variable
+    MOE_LM_CPU_MATMUL: "auto" (unset or empty; model.gemm.backend resolves it), "onednn" or "blas";
+    case and spaces ignored. Anything else is a ConfigError."""
+    raw = os.environ.get(CPU_MATMUL_ENV, "")
+    want = raw.strip().lower() or "auto"
+    if want not in CPU_MATMULS:
+        raise ConfigError(f"{CPU_MATMUL_ENV}={raw!r} is not a CPU matmul library",
+                          f"set it to one of {', '.join(CPU_MATMULS)}, or unset it")
+    return want
 
 
 def blocking_file(path: Path) -> Optional[Path]:

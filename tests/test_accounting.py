@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lm.config import load_config
 from moe_lm.errors import ConfigError
-from moe_lm.model import dispatch
+from moe_lm.model import dispatch, gemm
 from moe_lm.model.accounting import dense_total, dense_twin, flops_per_token, param_counts, render_info
 from moe_lm.model.transformer import Transformer
 
@@ -68,18 +68,20 @@ def test_param_counts_of_variants_and_active_params(extra):
 
 def counted_training_flops(cfg, batch=2):
     """torch's FLOP counter over forward + backward, attention through the math kernel (matmuls),
-    the experts through one torch.mm each: the counter has no formula for grouped_mm (it counts 0),
-    which the fused path uses on a CPU where torch has it (the same multiplications)."""
+    the experts through one torch.mm each and every other product through torch's BLAS: the
+    counter has no formula for grouped_mm nor for oneDNN's linear (it counts 0), which the fused
+    path and model.gemm use on a CPU where torch has them (the same multiplications)."""
     model = build(cfg)
     idx = torch.randint(0, cfg.model.vocab_size, (batch, cfg.model.seq_len))
     counter = FlopCounterMode(display=False)
     grouped, dispatch.GROUPED_BLOCKS = dispatch.GROUPED_BLOCKS, False
+    backend, gemm.backend = gemm.backend, lambda: "blas"
     try:
         with counter, sdpa_kernel(SDPBackend.MATH):
             out = model(idx, idx)
             out.loss.backward()
     finally:
-        dispatch.GROUPED_BLOCKS = grouped
+        dispatch.GROUPED_BLOCKS, gemm.backend = grouped, backend
     return counter.get_total_flops() / (batch * cfg.model.seq_len)
 
 

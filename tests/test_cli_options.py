@@ -130,6 +130,15 @@ def test_compare_dense_refuses_a_bad_device_before_training_anything(tiny_data_d
     assert_refused(workdir, code, err, "--device tpu", "auto | cpu | cuda | mps")
 
 
+@pytest.mark.parametrize("argv", [["compare-dense", "-c", str(TINY_MOE), "train.max_steps=2"],
+                                  ["train", "-c", str(TINY_MOE), "train.max_steps=2"],
+                                  ["bench", "train", "-c", str(TINY_MOE), "--rounds", "1"]], ids=lambda a: a[0])
+def test_a_bad_cpu_matmul_library_is_one_line_before_any_work(argv, tiny_data_dir, workdir, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_LM_CPU_MATMUL", "mkl")
+    code, err = call([*argv, f"data.dir={tiny_data_dir}"] if argv[0] != "bench" else argv, monkeypatch, capsys)
+    assert_refused(workdir, code, err, "MOE_LM_CPU_MATMUL='mkl'", "auto, onednn, blas")
+
+
 # --- numbers ------------------------------------------------------------------------------------
 
 NUMBERS = [(path, flag, bare) for path, _, flag, bare, _ in PARAMS if bare in (int, float)]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_lm.config import MoEConfig
-from moe_lm.model import dispatch
+from moe_lm.model import dispatch, gemm
 from moe_lm.model.moe import FeedForward, MoELayer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -343,8 +343,10 @@ def test_fused_blocks_grouped_or_looped_equal_the_reference(monkeypatch, grouped
 @pytest.mark.skipif(dispatch._grouped_mm is None, reason="this torch has no grouped_mm")
 def test_grouped_blocks_give_the_bits_of_the_mm_loop_over_several_blocks(monkeypatch):
     """Blocks of several experts each, empty experts inside and between them: the grouped matmuls
-    (one call per block and matmul) give exactly the bits of one torch.mm per expert."""
+    (one call per block and matmul) give exactly the bits of one torch.mm per expert (torch's BLAS
+    for both: oneDNN, model.gemm, would round differently)."""
     monkeypatch.setattr(dispatch, "BLOCK_BYTES", 40 * 4 * (64 + 2 * 32 + 16))  # ~40 rows a block
+    monkeypatch.setattr(gemm, "backend", lambda: "blas")
     layer = make_layer("swiglu", E=16, k=2, h=32)
     layer.router = MaskedRouter(layer.router, [0, 1, 3, 4, 5, 8, 9, 10, 13, 14])
     layer.dispatch_path = "fused"
@@ -489,7 +491,9 @@ def test_host_sized_paths_under_torch_compile_make_no_graph_per_routing(path):
         got = grads_of(lambda v: compiled(v)[0], layer, x)
         want = grads_of(lambda v: layer(v)[0], layer, x)
         for name, a, b in zip(GRADS, got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+            # NOTE: atol for float32 rounding only: compiled, the router's product is inductor's;
+            # eager, it may be oneDNN's (model.gemm), another summation order
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
         with torch.no_grad():
             sizes.add(tuple(torch.bincount(layer.router(x).expert, minlength=6).tolist()))
         graphs.append(counter.frame_count)

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from moe_lm.config import load_config
 from moe_lm.errors import DataError, RunError, TrainingError
+from moe_lm.model import gemm
 from moe_lm.training import checkpoint as ckpt_io
 from moe_lm.training.metrics import read_metrics
 from moe_lm.training.step import build_optimizer, lr_at
@@ -70,6 +71,7 @@ def test_run_folder_holds_config_env_metrics_plots_and_checkpoints(tiny_run, tin
     for key in ("moe_lm", "python", "torch", "device", "command_line", "precision"):
         assert key in env
     assert env["command_line"] == ["moe-lm", "train"] and env["device"] == "cpu" and env["precision"] == "float32"
+    assert env["cpu_matmul"] == gemm.backend() in ("onednn", "blas")
     assert (d / "plots" / "loss.png").stat().st_size > 0
     assert (d / "plots" / "expert_load.png").stat().st_size > 0
     # keep the last 2 checkpoints; `latest` names the final one

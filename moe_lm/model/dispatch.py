@@ -53,6 +53,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from . import gemm
 from .routing import count_per_expert
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -284,10 +285,12 @@ def _times_experts(a: torch.Tensor, w: torch.Tensor, b: Block, offs: Optional[to
     w = w[b.first:b.first + len(b.rows)]
     if offs is not None:
         return _grouped_mm(a, w, offs=offs)
+    if len(b.rows) == 1:  # a big expert, alone in its block
+        return gemm.mm(a, w[0])
     out = a.new_empty(a.shape[0], w.shape[2])
     for ae, we, oe in zip(a.split(b.rows), w.unbind(0), out.split(b.rows)):
         if ae.shape[0]:
-            torch.mm(ae, we, out=oe)
+            gemm.mm(ae, we, out=oe)
     return out
 
 
@@ -300,7 +303,7 @@ def _expert_grads(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, b: Block
         grad.copy_(_grouped_mm(a.t(), g, offs=offs))
         return
     for ae, ge, ow in zip(a.split(b.rows), g.split(b.rows), grad.unbind(0)):
-        torch.mm(ae.t(), ge, out=ow)
+        gemm.mm(ae.t(), ge, out=ow)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import gemm
+
 IGNORE = -100  # F.cross_entropy's default ignore_index
 
 # NOTE: rows per chunk such that one chunk's float32 logits take about this many bytes: the
@@ -47,12 +49,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros(wf.shape, dtype=torch.float32, device=x.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         rows = max(1, CHUNK_BYTES // (4 * V))
-        buf = torch.empty(min(rows, N), V, dtype=torch.float32, device=x.device)  # one chunk's logits
+        onednn = gemm.applies(wf)  # oneDNN writes a fresh tensor; torch's BLAS one reused buffer
+        buf = None if onednn else torch.empty(min(rows, N), V, dtype=torch.float32, device=x.device)
         all_valid = bool(valid.all())  # NOTE: a CPU path: reading a value back costs nothing here
         for s in range(0, N, rows):
             xc = x[s:s + rows].float()
             t, m = tgt[s:s + rows], valid[s:s + rows]
-            logits = torch.mm(xc, wf.t(), out=buf[:len(t)])  # (c, V)
+            logits = gemm.mm(xc, wf.t()) if onednn else torch.mm(xc, wf.t(), out=buf[:len(t)])  # (c, V)
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             mx = logits.amax(dim=-1, keepdim=True)
             p = logits.sub_(mx).exp_()  # in place: exp(logit - max), the softmax's numerator
@@ -65,8 +68,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if not all_valid:
                     p[~m] = 0.0  # ignored rows: no gradient
                 if need_x:
-                    torch.mm(p, wf, out=gx[s:s + rows])
-                if need_w:  # NOTE: addmm with out=, not addmm_: torch's FLOP counter sees this one
+                    gemm.mm(p, wf, out=gx[s:s + rows])
+                if need_w and onednn:
+                    gw += gemm.mm(p.t(), xc)
+                elif need_w:  # NOTE: addmm with out=, not addmm_: torch's FLOP counter sees this one
                     torch.addmm(gw, p.t(), xc, out=gw)
         ctx.save_for_backward(gx, gw)
         ctx.dtypes = (x.dtype, w.dtype)

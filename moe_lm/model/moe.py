@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
-from . import dispatch, losses
+from . import dispatch, gemm, losses
 from .routing import ROUTERS, ExpertChoice, Routing, count_per_expert
 
 
@@ -45,10 +45,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.activation = activation
         if activation == "swiglu":
-            self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+            self.gate_proj = gemm.Linear(d_model, hidden, bias=False)
             nn.init.normal_(self.gate_proj.weight, std=std)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.up_proj = gemm.Linear(d_model, hidden, bias=False)
+        self.down_proj = gemm.Linear(hidden, d_model, bias=False)
         nn.init.normal_(self.up_proj.weight, std=std)
         nn.init.normal_(self.down_proj.weight, std=down_std)
 

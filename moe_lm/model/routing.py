@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
+from . import gemm
 
 
 @dataclass
@@ -68,7 +69,7 @@ def count_per_expert(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
 def _router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (T, d) @ weight (E, d)^T in float32 with autocast off."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float())
+        return gemm.linear(x.float(), weight.float())
 
 
 def fair_topk(scores: torch.Tensor, k: int, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, moe_layer_ids
-from . import lm_loss
+from . import gemm, lm_loss
 from .moe import FeedForward, MoELayer, MoEStats
 
 
@@ -96,10 +96,10 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.n_heads, self.head_dim = cfg.n_heads, d // cfg.n_heads
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = gemm.Linear(d, d, bias=False)
+        self.k_proj = gemm.Linear(d, d, bias=False)
+        self.v_proj = gemm.Linear(d, d, bias=False)
+        self.o_proj = gemm.Linear(d, d, bias=False)
         for lin in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(lin.weight, std=std)
         nn.init.normal_(self.o_proj.weight, std=out_std)
@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.lm_head = gemm.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
 
     @property
@@ -194,7 +194,7 @@ class Transformer(nn.Module):
         if lm_loss.fused_applies(x, targets):  # CPU training: head + loss fused, no logits kept
             loss = lm_loss.linear_cross_entropy(x, self.head_weight, targets)
         else:
-            logits = F.linear(x, self.head_weight)
+            logits = gemm.linear(x, self.head_weight)
             if targets is not None:
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         if stats:
