@@ -19,8 +19,12 @@ needs_onednn = pytest.mark.skipif(not gemm._onednn_runs(), reason="this torch ha
 
 @pytest.fixture
 def onednn(monkeypatch):
-    """Products of float32 CPU tensors go to oneDNN for the test, whatever this machine's rule says."""
+    """Products of float32 CPU tensors go to oneDNN for the test, whatever this machine's rule says.
+    -> the list of oneDNN products made (one entry per call), so a test can see that it ran."""
     monkeypatch.setattr(gemm, "backend", lambda: "onednn")
+    calls, real = [], gemm._xwt
+    monkeypatch.setattr(gemm, "_xwt", lambda x, w: calls.append(1) or real(x, w))
+    return calls
 
 
 def close(got: torch.Tensor, want64: torch.Tensor) -> None:
@@ -52,6 +56,20 @@ def test_mm_is_the_product(name, a, b, onednn):
     out = torch.full((a.shape[0], b.shape[1]), float("nan"))
     assert gemm.mm(a, b, out=out) is out
     close(out, a.double() @ b.double())
+    assert len(onednn) == 2
+
+
+@needs_onednn
+def test_mm_that_autograd_records_is_torchs_and_keeps_its_gradient(onednn):
+    """oneDNN's op has no autograd: a product autograd would record goes to torch.mm, so no
+    gradient is silently lost."""
+    a, b = torch.randn(5, 4, requires_grad=True), torch.randn(4, 3)
+    gemm.mm(a, b).sum().backward()
+    assert not onednn
+    close(a.grad, b.double().sum(1).expand(5, 4))
+    with torch.no_grad():
+        gemm.mm(a, b)
+    assert len(onednn) == 1
 
 
 @needs_onednn
@@ -74,6 +92,7 @@ def test_linear_value_and_gradients_are_f_linears(grads, onednn):
     y64 = F.linear(x64, w64)
     (y64 * up.double()).sum().backward()
     close(y.detach(), y64.detach())
+    assert len(onednn) == 1 + sum(grads)  # the forward, then one product per gradient
     if grads[0]:
         close(x.grad, x64.grad)
     if grads[1]:
@@ -105,6 +124,8 @@ def test_only_float32_cpu_tensors_outside_autocast_go_to_onednn(onednn):
     ("AuthenticAMD", "AVX512", "onednn"),  # MKL's AVX2 kernels on an AVX-512 CPU: measured 2x slower
     ("GenuineIntel", "AVX512", "blas"),  # MKL's own AVX-512 kernels
     ("AuthenticAMD", "AVX2", "blas"),  # the same vector width either way
+    ("HygonGenuine", "AVX512", "onednn"),  # AMD's design
+    ("i386", "AVX512", "blas"),  # a vendor not known (macOS's platform.processor())
 ])
 def test_auto_takes_onednn_only_where_mkl_leaves_avx512_unused(vendor, capability, want, monkeypatch):
     monkeypatch.delenv("MOE_LM_CPU_MATMUL", raising=False)
@@ -147,14 +168,18 @@ def test_a_training_step_through_onednn_is_the_blas_steps_up_to_rounding(monkeyp
 
     cfg = load_config("configs/tiny-moe.yaml", ["model.vocab_size=256", "model.seq_len=32", "model.moe.every=2"])
     idx = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))
-    grads = {}
+    grads, calls, real = {}, [], gemm._xwt
+    monkeypatch.setattr(gemm, "_xwt", lambda x, w: calls.append(1) or real(x, w))
     for name in ("blas", "onednn"):
         monkeypatch.setattr(gemm, "backend", lambda name=name: name)
+        calls.clear()
         torch.manual_seed(0)
         model = Transformer(cfg.model)
         out = model(idx[:, :-1], idx[:, 1:])
         (out.loss + out.aux_loss + out.z_loss).backward()
         grads[name] = (out.loss.item(), {n: p.grad for n, p in model.named_parameters()})
+        # every projection, the router and the fused head went to oneDNN (or none of them did)
+        assert (len(calls) >= 3 * (4 * 2 + 3 + 1)) if name == "onednn" else not calls, (name, len(calls))
     (loss_b, g_b), (loss_o, g_o) = grads["blas"], grads["onednn"]
     assert loss_o == pytest.approx(loss_b, rel=1e-5)
     for n, g in g_b.items():

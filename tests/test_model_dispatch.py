@@ -523,3 +523,24 @@ def test_an_eager_model_never_imports_dynamo():
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not gemm._onednn_runs(), reason="this torch has no oneDNN linear for plain tensors")
+@pytest.mark.parametrize("block_bytes", [1, 40 * 4 * (64 + 2 * 32 + 16)], ids=["one expert a block", "several"])
+def test_fused_path_through_onednn_equals_the_per_token_reference(block_bytes, monkeypatch):
+    """Experts' products through oneDNN (model.gemm; here every one, whatever its size), a block of
+    one expert and blocks of several on the mm loop: outputs and gradients as the reference's."""
+    monkeypatch.setattr(gemm, "backend", lambda: "onednn")
+    monkeypatch.setattr(dispatch, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(dispatch, "GROUPED_BLOCKS", False)
+    monkeypatch.setattr(dispatch, "BLOCK_BYTES", block_bytes)
+    calls, real = [], gemm._xwt
+    monkeypatch.setattr(gemm, "_xwt", lambda x, w: calls.append(1) or real(x, w))
+    layer = make_layer("swiglu", E=16, k=2, h=32)
+    layer.dispatch_path = "fused"
+    x = torch.randn(96, 16)
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    assert len(calls) >= 16 * 2, "the experts' products went to oneDNN"
+    ref = grads_of(lambda x: reference_layer(layer, x), layer, x)
+    for name, a, b in zip(GRADS, ours, ref):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")

@@ -15,7 +15,7 @@ reference, outputs and gradients):
   A block gathers its rows by index, runs gate_up -> activation -> down, and index_adds its
   scaled output; the backward does the same walk with only the gathers/scatters it needs. A
   block's matmuls are one torch grouped_mm call each on a CPU where torch has it and takes the
-  shapes (use_grouped_blocks), else one torch.mm per expert. On a CPU with several torch threads
+  shapes (use_grouped_blocks), else one mm per expert (_expert_mm). On a CPU with several torch threads
   and experts big enough
   (use_expert_threads) the blocks are shared out over worker
   threads that each run torch single-threaded (ExpertThreads), and their outputs are summed on
@@ -246,7 +246,7 @@ def _trim(rows: list[int]) -> list[int]:
 
 # NOTE: on a CPU the fused path multiplies a block's rows by their experts' matrices with ONE
 # call of torch's grouped matmul (a loop over the experts inside torch, no Python between them),
-# where torch has it and takes the tensors; else with one torch.mm per expert. Measured at the
+# where torch has it and takes the tensors; else with one mm per expert (_expert_mm). Measured at the
 # demo's size (d_model 64, 32 experts of width 64, 2 threads): see docs/PERFORMANCE.md.
 GROUPED_BLOCKS = True
 
@@ -278,6 +278,21 @@ def use_grouped_blocks(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor
     return w_in.data_ptr() % 16 == 0 and w_down.data_ptr() % 16 == 0 and _cpu_grouped_mm_runs()
 
 
+# NOTE: one expert's product goes to oneDNN (model.gemm, where this machine takes it) from this
+# many multiply-adds: oneDNN builds a kernel for each new row count (~80 us, and the counts change
+# every step), and at 2 threads it gained ~1.1x on the demo's 4M (512 x 64 by 64 x 128); a d_model
+# 512 expert's 268M+ run ~2x faster (docs/PERFORMANCE.md, "The matmul library").
+ONEDNN_MIN_MACS = 16 << 20
+
+
+def _expert_mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a (n, k) @ b (k, m) for one expert's rows: gemm.mm for products of at least ONEDNN_MIN_MACS
+    multiply-adds, else torch.mm (into `out` when given)."""
+    if a.shape[0] * a.shape[1] * b.shape[1] >= ONEDNN_MIN_MACS:
+        return gemm.mm(a, b, out=out)
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
 def _times_experts(a: torch.Tensor, w: torch.Tensor, b: Block, offs: Optional[torch.Tensor]) -> torch.Tensor:
     """Block b's rows a (n, k), each row times its expert's w[e] (k, m) -> (n, m). w (E, k, m) may
     be a transposed view. offs: the block's row ends as int32 (grouped matmul), or None (one mm per
@@ -285,12 +300,12 @@ def _times_experts(a: torch.Tensor, w: torch.Tensor, b: Block, offs: Optional[to
     w = w[b.first:b.first + len(b.rows)]
     if offs is not None:
         return _grouped_mm(a, w, offs=offs)
-    if len(b.rows) == 1:  # a big expert, alone in its block
-        return gemm.mm(a, w[0])
+    if len(b.rows) == 1:  # one expert alone in its block: no copy into a block buffer
+        return _expert_mm(a, w[0])
     out = a.new_empty(a.shape[0], w.shape[2])
     for ae, we, oe in zip(a.split(b.rows), w.unbind(0), out.split(b.rows)):
         if ae.shape[0]:
-            gemm.mm(ae, we, out=oe)
+            _expert_mm(ae, we, out=oe)
     return out
 
 
@@ -303,7 +318,7 @@ def _expert_grads(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, b: Block
         grad.copy_(_grouped_mm(a.t(), g, offs=offs))
         return
     for ae, ge, ow in zip(a.split(b.rows), g.split(b.rows), grad.unbind(0)):
-        gemm.mm(ae.t(), ge, out=ow)
+        _expert_mm(ae.t(), ge, out=ow)
 
 
 # ---------------------------------------------------------------------------------------------

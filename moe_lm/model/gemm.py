@@ -14,8 +14,9 @@ a 2048^3 matmul 85 against 214 ms (docs/PERFORMANCE.md, "The matmul library").
 Where it applies (`applies`): a float32 CPU tensor, autocast off, not inside torch.compile (whose
 inductor picks its own kernels), and the backend "onednn". The backend is chosen once per process
 (`backend`): the environment variable MOE_LM_CPU_MATMUL ("onednn", "blas", or "auto", the
-default); auto takes oneDNN where torch has it, its BLAS is MKL, and the CPU has AVX-512 and is not
-an Intel one (where MKL takes its own AVX-512 kernels), else torch's BLAS. Run records keep the
+default); auto takes oneDNN where torch has it, its BLAS is MKL, and the CPU is an AMD (or Hygon)
+one with AVX-512, else torch's BLAS (an Intel CPU, where MKL takes its own AVX-512 kernels; a
+vendor not known). Run records keep the
 choice (env.json's and `bench`'s "cpu_matmul"). Elsewhere (a GPU, bfloat16, an Intel CPU) these
 functions are torch.mm and F.linear. Both libraries compute in float32; results differ in the last
 bits (another summation order), as between two thread counts.
@@ -73,9 +74,10 @@ def backend() -> str:
         return "blas"
     if want == "onednn":
         return "onednn"
-    # NOTE: auto = where MKL was measured to leave the vector units half used: an x86 CPU with
-    # AVX-512 that is not Intel's (on an AVX2-only CPU MKL and oneDNN run the same width)
-    mkl_elsewhere = (torch.backends.mkl.is_available() and "Intel" not in _cpu_vendor()
+    # NOTE: auto = where MKL was measured to leave the vector units half used: an AMD x86 CPU
+    # with AVX-512 (on an AVX2-only CPU MKL and oneDNN run the same width)
+    vendor = _cpu_vendor()
+    mkl_elsewhere = (torch.backends.mkl.is_available() and ("AuthenticAMD" in vendor or "HygonGenuine" in vendor)
                      and torch.backends.cpu.get_cpu_capability() == "AVX512")
     return "onednn" if mkl_elsewhere else "blas"
 
@@ -96,12 +98,15 @@ def _xwt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a (n, k) @ b (k, m) -> (n, m), as torch.mm (no autograd). With oneDNN the result may be a
-    transposed view (a ^T b ^T taken the other way round when that copies less); `out` gets a copy.
+    """a (n, k) @ b (k, m) -> (n, m), as torch.mm, for products autograd does not record (inside
+    an autograd Function, under no_grad; one it would record is torch.mm's). With oneDNN the
+    result may be a transposed view ((b^T a^T)^T when that copies less); `out` gets a copy.
 
     oneDNN wants its left operand row-major: a product whose left side is a transposed view (a
     weight gradient, a^T g) is taken as (b^T a^T)^T when b^T is row-major or smaller than a."""
-    if not applies(a, b) or 0 in a.shape or 0 in b.shape:
+    # NOTE: oneDNN's op has no autograd: a product that autograd would record stays torch.mm's
+    tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if tracked or not applies(a, b) or 0 in a.shape or 0 in b.shape:
         return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
     if a.is_contiguous() or not (b.t().is_contiguous() or b.numel() < a.numel()):
         r = _xwt(a, b.t())
