@@ -16,8 +16,8 @@ inductor picks its own kernels), and the backend "onednn". The backend is chosen
 (`backend`): the environment variable MOE_LM_CPU_MATMUL ("onednn", "blas", or "auto", the
 default); auto takes oneDNN where torch has it, its BLAS is MKL, and the CPU is an AMD (or Hygon)
 one with AVX-512, else torch's BLAS (an Intel CPU, where MKL takes its own AVX-512 kernels; a
-vendor not known). Run records keep the
-choice (env.json's and `bench`'s "cpu_matmul"). Elsewhere (a GPU, bfloat16, an Intel CPU) these
+vendor not known). Run records keep the choice (env.json's and `bench`'s "cpu_matmul",
+`backend_for`). Elsewhere (a GPU, bfloat16, an Intel CPU) these
 functions are torch.mm and F.linear. Both libraries compute in float32; results differ in the last
 bits (another summation order), as between two thread counts.
 
@@ -80,6 +80,12 @@ def backend() -> str:
     mkl_elsewhere = (torch.backends.mkl.is_available() and ("AuthenticAMD" in vendor or "HygonGenuine" in vendor)
                      and torch.backends.cpu.get_cpu_capability() == "AVX512")
     return "onednn" if mkl_elsewhere else "blas"
+
+
+def backend_for(device: torch.device) -> Optional[str]:
+    """What run and bench records keep as "cpu_matmul": backend() for a CPU run, None elsewhere
+    (a GPU's matmuls never come here)."""
+    return backend() if device.type == "cpu" else None
 
 
 def applies(*tensors: torch.Tensor) -> bool:

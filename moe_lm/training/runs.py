@@ -321,7 +321,7 @@ def environment(device: torch.device, amp_dtype: Optional[torch.dtype], command_
         "moe_lm": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "platform": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        **openmp_settings(), "cpu_matmul": gemm.backend() if device.type == "cpu" else None,
+        **openmp_settings(), "cpu_matmul": gemm.backend_for(device),
         "world_size": distributed.env_world_size(),
         "device": device.type, "device_name": device_name(device),
         "precision": precision_name(amp_dtype) + ("" if amp_dtype is None else " autocast"),
