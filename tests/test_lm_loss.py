@@ -32,6 +32,26 @@ def test_loss_and_gradients_equal_torchs_cross_entropy(monkeypatch, chunk_bytes)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["blas", "onednn"])
+def test_each_matmul_library_gives_torchs_loss_and_gradients(monkeypatch, backend):
+    """Both branches of the head's products, whatever this machine's rule picks: torch's BLAS (one
+    reused buffer, addmm into the weight gradient) and oneDNN (the weight gradient summed as its
+    transpose, 160 wide so that its products take oneDNN too), over 7-row chunks and a short last one."""
+    from moe_lm.model import gemm
+
+    if backend == "onednn" and not gemm._onednn_runs():
+        pytest.skip("this torch has no oneDNN linear for plain tensors")
+    monkeypatch.setattr(gemm, "backend", lambda: backend)
+    calls, real = [], gemm._xwt
+    monkeypatch.setattr(gemm, "_xwt", lambda x, w: calls.append(1) or real(x, w))
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 4 * 160 * 7)
+    ours, ref = _both(N=50, V=160)
+    for name, a, b in zip(["loss", "d x", "d w"], ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # per chunk: logits, d x and d w through oneDNN (8 chunks), or none of them
+    assert len(calls) == (3 * 8 if backend == "onednn" else 0)
+
+
 def test_ignored_targets_are_left_out_of_the_mean_and_get_no_gradient(monkeypatch):
     monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 4 * 37 * 8)
     ours, ref = _both(ignore=(0, 5, 6, 49))

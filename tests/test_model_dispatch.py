@@ -544,3 +544,21 @@ def test_fused_path_through_onednn_equals_the_per_token_reference(block_bytes, m
     ref = grads_of(lambda x: reference_layer(layer, x), layer, x)
     for name, a, b in zip(GRADS, ours, ref):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("n_experts,radix", [(32, True), (300, True), (40_000, False)])
+def test_argsort_experts_is_the_stable_sort_by_expert(n_experts, radix, monkeypatch):
+    """The assignments in expert order, each expert's in their own order (the stable sort, written
+    out by hand), whether numpy's radix sort (up to 32,768 experts on a CPU) or torch's sorts them;
+    also a strided view of ids and no assignments at all."""
+    calls = []
+    numpy_argsort = dispatch.np.argsort
+    monkeypatch.setattr(dispatch.np, "argsort", lambda *a, **k: calls.append(k) or numpy_argsort(*a, **k))
+    g = torch.Generator().manual_seed(n_experts)
+    ids = torch.randint(0, n_experts, (6_000,), generator=g)
+    ids[::7] = n_experts - 1  # many equal ids: the order among them is what stability fixes
+    for expert in (ids, ids[::3], ids[:0]):
+        by_hand = [i for e in sorted(set(expert.tolist())) for i, x in enumerate(expert.tolist()) if x == e]
+        order = dispatch.argsort_experts(expert, n_experts)
+        assert order.dtype == torch.int64 and order.tolist() == by_hand
+    assert len(calls) == (3 if radix else 0) and all(k == {"kind": "stable"} for k in calls)

@@ -97,6 +97,13 @@ def applies(*tensors: torch.Tensor) -> bool:
     return torch.backends.mkldnn.enabled and backend() == "onednn"
 
 
+# NOTE: multiply-adds per copied element from which a product whose operands are both transposed
+# views goes to oneDNN after all (mm): measured on weight gradients g^T x of 4,096 rows, 2
+# threads: with 64-wide g copied, x 64 / 96 wide ran faster on MKL (194 vs 222 us, 283 vs 301),
+# x 128 / 256 wide on oneDNN (304 vs 368, 500 vs 755)
+COPY_MIN_MACS = 128
+
+
 def _xwt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (n, k) @ w (m, k)^T by oneDNN -> (n, m), a new contiguous tensor. x is copied first when
     not row-major; w may be any strided view (a transposed one costs nothing)."""
@@ -109,15 +116,24 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> 
     result may be a transposed view ((b^T a^T)^T when that copies less); `out` gets a copy.
 
     oneDNN wants its left operand row-major: a product whose left side is a transposed view (a
-    weight gradient, a^T g) is taken as (b^T a^T)^T when b^T is row-major or smaller than a."""
+    weight gradient, a^T g) is taken as (b^T a^T)^T when b^T is row-major, else the smaller of a
+    and b^T is copied row-major first. Such a transposing copy runs at ~0.5 ns an element on this
+    CPU, 10x a plain copy: it pays only when the product has at least COPY_MIN_MACS multiply-adds
+    for each element copied (the other operand at least that wide), else torch.mm, whose BLAS
+    reads a transposed operand in place (docs/PERFORMANCE.md, "The matmul library")."""
     # NOTE: oneDNN's op has no autograd: a product that autograd would record stays torch.mm's
     tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     if tracked or not applies(a, b) or 0 in a.shape or 0 in b.shape:
         return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
-    if a.is_contiguous() or not (b.t().is_contiguous() or b.numel() < a.numel()):
+    if a.is_contiguous():
         r = _xwt(a, b.t())
-    else:
+    elif b.t().is_contiguous():
         r = _xwt(b.t(), a).t()
+    else:  # one side is copied: the smaller one, if the product is big enough to pay for it
+        copied = min(a.numel(), b.numel())
+        if a.shape[0] * a.shape[1] * b.shape[1] < COPY_MIN_MACS * copied:
+            return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
+        r = _xwt(a, b.t()) if a.numel() <= b.numel() else _xwt(b.t(), a).t()
     if out is None:
         return r
     return out.copy_(r)

@@ -46,10 +46,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         tgt = torch.where(valid, targets, 0)
         wf = w.float()
         gx = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_x else None
-        gw = torch.zeros(wf.shape, dtype=torch.float32, device=x.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         rows = max(1, CHUNK_BYTES // (4 * V))
         onednn = gemm.applies(wf)  # oneDNN writes a fresh tensor; torch's BLAS one reused buffer
+        # NOTE: with oneDNN the weight gradient is summed as its transpose (d, V), the layout
+        # oneDNN writes x^T p in, and turned once at the end: adding each chunk's product as a
+        # transposed view took ~130 us a chunk at the demo's shape, a transposing copy's time
+        gw = torch.zeros(wf.shape, dtype=torch.float32, device=x.device) if need_w and not onednn else None
+        gwt = torch.zeros(wf.shape[1], V, dtype=torch.float32, device=x.device) if need_w and onednn else None
         buf = None if onednn else torch.empty(min(rows, N), V, dtype=torch.float32, device=x.device)
         all_valid = bool(valid.all())  # NOTE: a CPU path: reading a value back costs nothing here
         for s in range(0, N, rows):
@@ -70,9 +74,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_x:
                     gemm.mm(p, wf, out=gx[s:s + rows])
                 if need_w and onednn:
-                    gw += gemm.mm(p.t(), xc)
+                    gwt += gemm.mm(xc.t(), p)
                 elif need_w:  # NOTE: addmm with out=, not addmm_: torch's FLOP counter sees this one
                     torch.addmm(gw, p.t(), xc, out=gw)
+        if gwt is not None:
+            gw = gwt.t().contiguous()
         ctx.save_for_backward(gx, gw)
         ctx.dtypes = (x.dtype, w.dtype)
         return total / n_valid
