@@ -34,7 +34,7 @@ from . import checks
 from .config import Config, MoEConfig
 from .device import device_name, openmp_settings, precision_name, resolve_device, synchronize
 from .errors import ConfigError
-from .model import gemm
+from .model import cpu_kernel, gemm
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
@@ -285,7 +285,7 @@ def bench_layer(d_model: int = 512, tokens: int = 8192, experts: int = 8, top_k:
         "d_model": d_model, "tokens": tokens, "experts": experts, "top_k": top_k, "ffn_hidden": h,
         "dense_hidden": top_k * h, "dispatch": path, "repeats": repeats, "warmup": warmup,
         "busy": busy, "busy_pids": busy_pids, "cores": available_cores(),
-        **openmp_settings(), "cpu_matmul": gemm.backend_for(dev),
+        **openmp_settings(), "cpu_matmul": gemm.backend_for(dev), "cpu_kernel": cpu_kernel.state_for(dev),
         "torch": torch.__version__, "transformers": _version("transformers"),
     }
 
@@ -424,6 +424,7 @@ def bench_train(cfg: Config, *, steps: int = 5, rounds: int = 5, warmup: int = 2
     peak = measure_matmul_peak(dev, amp_dtype or torch.float32)
     out: dict = {"device": dev.type, "device_name": device_name(dev),
                  "threads": torch.get_num_threads(), **openmp_settings(), "cpu_matmul": gemm.backend_for(dev),
+                 "cpu_kernel": cpu_kernel.state_for(dev),
                  "precision": precision_name(amp_dtype), "batch_tokens": bs * seq,
                  "vocab_size": cfg.model.vocab_size, "vocab_from": vocab_from, "matmul_peak_flops": peak,
                  "models": {name: _throughput(r, bs * seq, peak) for name, r in runs.items()}}

@@ -6,6 +6,7 @@ ConfigError (one line, exit 2) naming the key or option, the value and what is a
     choice("--dispatch", d, ("fused", "grouped_mm"))
     device("--device", name)                             # one of DEVICES, and present on this machine
     cpu_matmul()                                         # MOE_LM_CPU_MATMUL: one of CPU_MATMULS (device checks it)
+    cpu_kernel()                                         # MOE_LM_CPU_KERNEL: one of CPU_KERNELS (device checks it)
     out_folder("--out", path)                            # not a file, no file on the way to it
     in_file("--config", path, hint) / in_folder("--data", path, hint)
 
@@ -25,6 +26,8 @@ from .errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CPU_MATMUL_ENV = "MOE_LM_CPU_MATMUL"
 CPU_MATMULS = ("auto", "onednn", "blas")  # the library of float32 CPU matmuls (model.gemm)
+CPU_KERNEL_ENV = "MOE_LM_CPU_KERNEL"
+CPU_KERNELS = ("auto", "off")  # the C++ expert kernel of the "cpu_kernel" dispatch path (model.cpu_kernel)
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a 64-bit integer; numpy any non-negative one
 
 
@@ -103,11 +106,12 @@ def choice(name: str, value: Any, allowed: Iterable[str], hint: Optional[str] = 
 
 def device(name: str, value: str, allowed: Iterable[str] = DEVICES) -> None:
     """One of `allowed` (DEVICES by default) and, for cuda / mps, present on this machine; and the
-    environment's MOE_LM_CPU_MATMUL (cpu_matmul). Every command's --device and train.device go
-    through here before any work."""
+    environment's MOE_LM_CPU_MATMUL and MOE_LM_CPU_KERNEL (cpu_matmul, cpu_kernel). Every
+    command's --device and train.device go through here before any work."""
     allowed = tuple(allowed)
     choice(name, value, allowed)
     cpu_matmul()
+    cpu_kernel()
     if value not in ("cuda", "mps"):
         return
     import torch
@@ -128,6 +132,18 @@ def cpu_matmul() -> str:
     if want not in CPU_MATMULS:
         raise ConfigError(f"{CPU_MATMUL_ENV}={raw!r} is not a CPU matmul library",
                           f"set it to one of {', '.join(CPU_MATMULS)}, or unset it")
+    return want
+
+
+def cpu_kernel() -> str:
+    """Whether MoE layers on a CPU may build and use the C++ expert kernel, from the environment
+    variable MOE_LM_CPU_KERNEL: "auto" (unset or empty: where it builds) or "off"; case and spaces
+    ignored. Anything else is a ConfigError."""
+    raw = os.environ.get(CPU_KERNEL_ENV, "")
+    want = raw.strip().lower() or "auto"
+    if want not in CPU_KERNELS:
+        raise ConfigError(f"{CPU_KERNEL_ENV}={raw!r} is not a CPU kernel setting",
+                          f"set it to one of {', '.join(CPU_KERNELS)}, or unset it")
     return want
 
 

@@ -68,10 +68,13 @@ def test_param_counts_of_variants_and_active_params(extra):
 
 def counted_training_flops(cfg, batch=2):
     """torch's FLOP counter over forward + backward, attention through the math kernel (matmuls),
-    the experts through one torch.mm each and every other product through torch's BLAS: the
-    counter has no formula for grouped_mm nor for oneDNN's linear (it counts 0), which the fused
-    path and model.gemm use on a CPU where torch has them (the same multiplications)."""
+    the experts through the fused path's one torch.mm each and every other product through
+    torch's BLAS: the counter has no formula for grouped_mm nor for oneDNN's linear (it counts 0),
+    which the fused path and model.gemm use on a CPU where torch has them, and does not see inside
+    the C++ expert kernel (the cpu_kernel path): the same multiplications."""
     model = build(cfg)
+    for layer in model.moe_layers():
+        layer.dispatch_path = "fused"
     idx = torch.randint(0, cfg.model.vocab_size, (batch, cfg.model.seq_len))
     counter = FlopCounterMode(display=False)
     grouped, dispatch.GROUPED_BLOCKS = dispatch.GROUPED_BLOCKS, False

@@ -139,6 +139,15 @@ def test_a_bad_cpu_matmul_library_is_one_line_before_any_work(argv, tiny_data_di
     assert_refused(workdir, code, err, "MOE_LM_CPU_MATMUL='mkl'", "auto, onednn, blas")
 
 
+@pytest.mark.parametrize("argv", [["compare-dense", "-c", str(TINY_MOE), "train.max_steps=2"],
+                                  ["train", "-c", str(TINY_MOE), "train.max_steps=2"],
+                                  ["bench", "train", "-c", str(TINY_MOE), "--rounds", "1"]], ids=lambda a: a[0])
+def test_a_bad_cpu_kernel_setting_is_one_line_before_any_work(argv, tiny_data_dir, workdir, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_LM_CPU_KERNEL", "yes")
+    code, err = call([*argv, f"data.dir={tiny_data_dir}"] if argv[0] != "bench" else argv, monkeypatch, capsys)
+    assert_refused(workdir, code, err, "MOE_LM_CPU_KERNEL='yes'", "auto, off")
+
+
 # --- numbers ------------------------------------------------------------------------------------
 
 NUMBERS = [(path, flag, bare) for path, _, flag, bare, _ in PARAMS if bare in (int, float)]

@@ -33,7 +33,7 @@ LAYERS = [
     ("helpers", ["moe_lm", "moe_lm.errors", "moe_lm.checks", "moe_lm.config", "moe_lm.signals", "moe_lm.files",
                  "moe_lm.device", "moe_lm.stats", "moe_lm.plots"]),
     ("model and data", ["moe_lm.distributed", "moe_lm.model", "moe_lm.model.transformer", "moe_lm.model.moe",
-                        "moe_lm.model.dispatch", "moe_lm.model.gemm", "moe_lm.model.routing", "moe_lm.model.losses", "moe_lm.model.lm_loss",
+                        "moe_lm.model.dispatch", "moe_lm.model.cpu_kernel", "moe_lm.model.gemm", "moe_lm.model.routing", "moe_lm.model.losses", "moe_lm.model.lm_loss",
                         "moe_lm.model.accounting", "moe_lm.data", "moe_lm.data.sources", "moe_lm.data.tokenizer",
                         "moe_lm.data.bpe_worker", "moe_lm.data.shards", "moe_lm.hf_format", "moe_lm.routing_page"]),
     ("training's parts, reading runs", ["moe_lm.training", "moe_lm.training.load", "moe_lm.training.alarm",

@@ -275,8 +275,15 @@ def test_every_path_agrees_with_fused_on_a_bigger_layer_with_uneven_experts():
 
 
 def test_choose_path_fused_on_cpu_and_elsewhere_pads_only_balanced_experts():
+    from moe_lm.model import cpu_kernel
+
     x = torch.zeros(4, 4)
-    assert dispatch.choose_path(x, [100, 101, 99, 100]) == "fused"
+    small = "cpu_kernel" if cpu_kernel.load() is not None else "fused"
+    assert dispatch.choose_path(x, [100, 101, 99, 100]) == small
+    assert dispatch.choose_path(x, [100, 101, 99, 100], width=8) == small
+    assert dispatch.choose_path(x.bfloat16(), [100, 101, 99, 100]) == "fused"  # the kernel is float32's
+    x512 = torch.zeros(4, 512)  # big experts (512 x 1024, 1,024 rows each) keep the fused path's threads
+    assert dispatch.choose_path(x512, [1024] * 8, width=1024) == "fused"
     meta = torch.zeros(4, 4, device="meta")  # stands for an accelerator without bf16 grouped_mm
     assert dispatch.choose_path(meta, [100, 101, 99, 100]) == "padded"
     assert dispatch.choose_path(meta, [400, 0, 0, 0]) == "fused"  # padding would compute 4x the rows

@@ -8,7 +8,7 @@ Sort the assignments by expert, run each expert on its contiguous slice, scale b
 index_add back. Tokens with no assignment (capacity drops) get 0: the residual stream carries
 them. Never a loop over tokens, no one-hot (T, E, C) tensors.
 
-Three paths, the same function (tests/test_model_dispatch.py checks each against a per-token
+Four paths, the same function (tests/test_model_dispatch.py checks each against a per-token
 reference, outputs and gradients):
 
 - "fused": a custom autograd Function walking over blocks of consecutive experts (plan_blocks).
@@ -26,7 +26,13 @@ reference, outputs and gradients):
   docs/PERFORMANCE.md). Per-block buffers stay small (on a CPU, glibc serves allocations under
   32 MiB from its heap, while each larger one is a fresh mmap whose pages fault in at first
   touch), and it saves only each block's pre-activation and output for the backward. No
-  padding. The CPU's path, and everywhere the path for unbalanced routing.
+  padding. The CPU's path for big experts and where the kernel below does not build, and
+  everywhere the path for unbalanced routing.
+- "cpu_kernel": the fused path's function as one C++ call per direction (model/cpu_kernel.py,
+  csrc/experts_cpu.cpp), float32 on a CPU where it builds: each thread takes whole experts off a
+  counter, their products in oneDNN's brgemm micro-kernels; the same index_add combine. The
+  CPU's path for experts below THREADS_MIN_MACS (the demo's); asked for where it cannot run, it
+  runs "fused".
 - "padded": a custom autograd Function (`PaddedFFN`) that copies every expert's rows into one
   (E, C, d) buffer, C = the largest expert's rows, zero elsewhere; each matmul is then ONE bmm
   over all experts and the activation one call: about a dozen operations per direction whatever
@@ -54,11 +60,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import gemm
+from . import cpu_kernel, gemm
 from .routing import count_per_expert
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-PATHS = ("fused", "padded") + (("grouped_mm",) if _grouped_mm is not None else ())
+PATHS = ("fused", "cpu_kernel", "padded") + (("grouped_mm",) if _grouped_mm is not None else ())
 
 # NOTE: the padded path computes E x max(rows) rows; it is taken while that is at most this much
 # more than the real rows (the measured trade: one bmm instead of E matmuls, see choose_path).
@@ -86,16 +92,20 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
     return token[order], weight[order], counts
 
 
-def choose_path(x: torch.Tensor, sizes: Optional[list[int]] = None) -> str:
-    """The rule: grouped_mm on CUDA in bf16 where torch has it; fused on a CPU (measured fastest
-    there, quiet or beside busy programs, docs/PERFORMANCE.md); on other
+def choose_path(x: torch.Tensor, sizes: Optional[list[int]] = None, width: Optional[int] = None) -> str:
+    """The rule: grouped_mm on CUDA in bf16 where torch has it; on a CPU cpu_kernel for float32
+    experts below THREADS_MIN_MACS multiply-adds a product where the kernel builds (~2x the fused
+    path's dispatch at the demo's shape), else fused (big experts: its expert threads and oneDNN
+    products, measured fastest quiet or beside busy programs; docs/PERFORMANCE.md); on other
     accelerators padded (a few large kernels instead of ~20 per expert) while
     E x max(sizes) ≤ PAD_SLACK x sum(sizes), else fused. sizes: assignments per expert (None:
-    assume balanced)."""
+    assume balanced); width: the experts' first matrix's columns (w_in's last dimension; None:
+    taken as small)."""
     if x.device.type == "cuda" and _grouped_mm is not None and x.dtype == torch.bfloat16:
         return "grouped_mm"
     if x.device.type == "cpu":
-        return "fused"
+        small = sizes is None or width is None or not big_experts(x, sizes, width)
+        return "cpu_kernel" if small and cpu_kernel.applies(x) else "fused"
     if sizes is None or padded_rows(sizes) <= PAD_SLACK * max(1, sum(sizes)):
         return "padded"
     return "fused"
@@ -138,16 +148,21 @@ def moe_ffn(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
 
 
 def _host_sized(x, token, expert, weight, w_in, w_down, experts, path: Optional[str]) -> torch.Tensor:
-    """The "fused" and "padded" paths, which read the slice sizes back to the host (one sync per
-    layer) and loop over them in Python. Under torch.compile they run outside the graph
+    """The "fused", "cpu_kernel" and "padded" paths, which read the slice sizes back to the host
+    (one sync per layer) and loop over them. Under torch.compile they run outside the graph
     (torch.compiler.disable, in moe_ffn): traced, each new list of sizes made a new graph (a
     recompile per step until dynamo gave up, docs/PERFORMANCE.md); so the graph breaks there and
-    these paths run as in eager mode."""
+    these paths run as in eager mode. "cpu_kernel" asked for where the kernel cannot take the
+    tensors (not float32 on a CPU, or not built) runs "fused", the same function."""
     token_s, weight_s, counts = sort_by_expert(token, expert, weight, experts.n_experts)
     sizes = counts.tolist()
-    path = path or choose_path(x, sizes)
+    path = path or choose_path(x, sizes, w_in.shape[2])
+    if path == "cpu_kernel" and not cpu_kernel.applies(x, w_in, w_down):
+        path = "fused"
     experts.last_path = path
     with torch.autocast(x.device.type, enabled=False):
+        if path == "cpu_kernel":
+            return cpu_kernel.KernelExpertsFFN.apply(x, weight_s, w_in, w_down, token_s, sizes, experts.activation)
         if path == "padded":
             C = max(sizes, default=0)
             starts = torch.cumsum(counts, 0) - counts
@@ -424,13 +439,19 @@ def expert_threads() -> Optional[ExpertThreads]:
 THREADS_MIN_MACS = 16 << 20
 
 
+def big_experts(x: torch.Tensor, sizes: list[int], width: int) -> bool:
+    """Whether the experts with rows multiply at least THREADS_MIN_MACS on average in their first
+    product (rows x d_model x width)."""
+    busy = [n for n in sizes if n]
+    return bool(busy) and sum(busy) * x.shape[1] * width / len(busy) >= THREADS_MIN_MACS
+
+
 def use_expert_threads(x: torch.Tensor, sizes: list[int], width: int) -> bool:
     """Whether the fused path shares its blocks over the expert threads: a CPU tensor, several
-    torch threads, and experts' matmuls of at least THREADS_MIN_MACS on average."""
-    busy = [n for n in sizes if n]
-    if x.device.type != "cpu" or torch.get_num_threads() <= 1 or not busy:
+    torch threads, and experts' matmuls of at least THREADS_MIN_MACS on average (big_experts)."""
+    if x.device.type != "cpu" or torch.get_num_threads() <= 1:
         return False
-    return sum(busy) * x.shape[1] * width / len(busy) >= THREADS_MIN_MACS
+    return big_experts(x, sizes, width)
 
 
 def run_blocks(fn, n_jobs: int, threaded: bool) -> list:

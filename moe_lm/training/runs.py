@@ -35,7 +35,7 @@ from ..config import Config, dump_yaml
 from ..device import device_name, openmp_settings, precision_name
 from ..errors import ConfigError, DataError, RunError
 from ..files import write_atomic
-from ..model import gemm
+from ..model import cpu_kernel, gemm
 from . import checkpoint as ckpt_io
 from .metrics import RunLog, event_record, truncate_metrics
 
@@ -322,6 +322,7 @@ def environment(device: torch.device, amp_dtype: Optional[torch.dtype], command_
         "numpy": np.__version__, "platform": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         **openmp_settings(), "cpu_matmul": gemm.backend_for(device),
+        "cpu_kernel": cpu_kernel.state_for(device),
         "world_size": distributed.env_world_size(),
         "device": device.type, "device_name": device_name(device),
         "precision": precision_name(amp_dtype) + ("" if amp_dtype is None else " autocast"),

@@ -1,0 +1,218 @@
+// The "cpu_kernel" dispatch path (moe_lm/model/cpu_kernel.py): the fused path's expert work for
+// float32 on a CPU, one C++ call per direction and layer.
+//
+// Rows arrive sorted by expert (sizes[e] each). The experts are shared out over torch's threads by
+// a counter: a thread takes the next expert and runs all of it alone (gather, gate/up product,
+// activation, down product, gate-weight scaling; the backward likewise), so there is one
+// fork-join per call, not one per small operation, and a thread that another program holds back
+// just does fewer experts. The products go to oneDNN's brgemm micro-kernels
+// (at::native::cpublas::brgemm: the AVX-512 or AVX2 kernels this CPU has) in blocks of MB rows, so
+// whatever the routing, a layer uses a handful of kernel shapes (each new shape is a ~40 us
+// just-in-time build). Weight gradients sum KB rows per call, the rows of A^T turned into a
+// (P x KB) buffer (zero-padded in the last block) for the same reason. The activations are
+// ATen's vectorised kernels on each expert's rows. The combine sums each token's rows in their
+// expert-sorted order (index_add's arithmetic, parallel over the tokens): the result does not
+// depend on the number of threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+using at::Tensor;
+namespace cb = at::native::cpublas;
+
+namespace {
+
+constexpr int64_t MB = 32;  // rows per product call
+constexpr int64_t KB = 64;  // rows summed per weight-gradient call
+
+enum Act : int64_t { SWIGLU = 0, RELU = 1, GELU = 2 };
+
+// C (M x N) = A (M x K) @ B (K x N), row-major with leading dimensions lda, ldb, ldc
+void mm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+             float* C, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < M; m0 += MB)
+    cb::brgemm(std::min(MB, M - m0), N, K, lda, ldb, ldc, false, A + m0 * lda, B, C + m0 * ldc, false);
+}
+
+// G (P x Q) = A^T B for A (n x P) and B (n x Q) row-major
+void weight_grad(int64_t n, int64_t P, int64_t Q, const float* A, const float* B, float* G,
+                 std::vector<float>& at, std::vector<float>& bt) {
+  if (n == 0) {
+    std::memset(G, 0, sizeof(float) * P * Q);
+    return;
+  }
+  at.assign(P * KB, 0.f);
+  for (int64_t k0 = 0; k0 < n; k0 += KB) {
+    const int64_t kc = std::min(KB, n - k0);
+    for (int64_t i = 0; i < kc; i++)
+      for (int64_t p = 0; p < P; p++) at[p * KB + i] = A[(k0 + i) * P + p];
+    const float* b = B + k0 * Q;
+    if (kc < KB) {  // the last block: zero rows after the real ones, in both operands
+      for (int64_t p = 0; p < P; p++) std::memset(at.data() + p * KB + kc, 0, sizeof(float) * (KB - kc));
+      bt.assign(KB * Q, 0.f);
+      std::memcpy(bt.data(), b, sizeof(float) * kc * Q);
+      b = bt.data();
+    }
+    cb::brgemm(P, Q, KB, KB, Q, Q, k0 > 0, at.data(), b, G, false);
+  }
+}
+
+void transpose(const float* W, int64_t R, int64_t C, float* out) {  // W (R x C) -> out (C x R)
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t c = 0; c < C; c++) out[c * R + r] = W[r * C + c];
+}
+
+// f(e) for every expert e in [0, E), shared out over torch's threads by a counter
+template <typename F>
+void each_expert(int64_t E, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // NOTE: grad and inference mode are per thread, and OpenMP's workers do not inherit the
+    // caller's: without these, an in-place op on an inference tensor fails in a worker
+    c10::InferenceMode inference_mode(inference);
+    at::NoGradGuard no_grad;
+    for (int64_t e; (e = next.fetch_add(1)) < E;) f(e);
+    cb::brgemm_release(false);
+  });
+}
+
+// out (T, d): out[t] = the sum of rows[i] over the i with token[i] = t, in increasing i, from 0:
+// index_add's arithmetic (the same bits), parallel over the tokens instead of serial over the rows
+Tensor combine(const Tensor& rows, const Tensor& token_s, int64_t T) {
+  const int64_t A = token_s.size(0), d = rows.size(1);
+  const int64_t* tok = token_s.data_ptr<int64_t>();
+  std::vector<int64_t> first(T + 1, 0), order(A);
+  for (int64_t i = 0; i < A; i++) {
+    TORCH_CHECK(tok[i] >= 0 && tok[i] < T, "token index out of range");
+    first[tok[i] + 1]++;
+  }
+  for (int64_t t = 0; t < T; t++) first[t + 1] += first[t];
+  std::vector<int64_t> fill(first.begin(), first.end() - 1);
+  for (int64_t i = 0; i < A; i++) order[fill[tok[i]]++] = i;  // each token's rows, in increasing i
+  Tensor out = at::empty({T, d}, rows.options());
+  const float* r = rows.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      float* ot = o + t * d;
+      for (int64_t j = 0; j < d; j++) ot[j] = 0.f;
+      for (int64_t q = first[t]; q < first[t + 1]; q++) {
+        const float* ri = r + order[q] * d;
+        for (int64_t j = 0; j < d; j++) ot[j] += ri[j];
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<int64_t> starts(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> s(sizes.size() + 1, 0);
+  for (size_t e = 0; e < sizes.size(); e++) s[e + 1] = s[e] + sizes[e];
+  return s;
+}
+
+}  // namespace
+
+// x (T, d); token_s (A,) int64 and weight_s (A,) sorted by expert; w_in (E, d, W); w_down (E, H, d);
+// all float32 and contiguous. -> out (T, d), then what the backward needs: x's rows (A, d),
+// h (A, W), act (A, H), y (A, d) (unscaled).
+std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
+                            std::vector<int64_t> sizes, int64_t act) {
+  const int64_t E = sizes.size(), d = x.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
+  const auto start = starts(sizes);
+  TORCH_CHECK(start[E] == A, "sizes must add up to the number of assignments");
+  const auto opt = x.options();
+  Tensor xs = at::empty({A, d}, opt), h = at::empty({A, W}, opt), a = at::empty({A, H}, opt),
+         y = at::empty({A, d}, opt), scaled = at::empty({A, d}, opt);
+  const float *xp = x.data_ptr<float>(), *win = w_in.data_ptr<float>(), *wd = w_down.data_ptr<float>(),
+              *wt = weight_s.data_ptr<float>();
+  const int64_t* tok = token_s.data_ptr<int64_t>();
+  float *xsp = xs.data_ptr<float>(), *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>(),
+        *yp = y.data_ptr<float>(), *sp = scaled.data_ptr<float>();
+  each_expert(E, [&](int64_t e) {
+    const int64_t s = start[e], n = sizes[e];
+    if (n == 0) return;
+    for (int64_t i = s; i < s + n; i++) std::memcpy(xsp + i * d, xp + tok[i] * d, sizeof(float) * d);
+    mm_rows(n, W, d, xsp + s * d, d, win + e * d * W, W, hp + s * W, W);
+    Tensor he = h.narrow(0, s, n), ae = a.narrow(0, s, n);
+    if (act == SWIGLU) {
+      at::silu_out(ae, he.narrow(1, 0, H));
+      ae.mul_(he.narrow(1, H, H));
+    } else if (act == RELU) {
+      at::clamp_min_out(ae, he, 0);
+    } else {
+      at::gelu_out(ae, he);
+    }
+    mm_rows(n, d, H, ap + s * H, H, wd + e * H * d, d, yp + s * d, d);
+    for (int64_t i = s; i < s + n; i++)
+      for (int64_t j = 0; j < d; j++) sp[i * d + j] = yp[i * d + j] * wt[i];
+  });
+  return {combine(scaled, token_s, x.size(0)), xs, h, a, y};
+}
+
+// g (T, d): dL/d out. -> dx (T, d), d weight_s (A,), d w_in (E, d, W), d w_down (E, H, d)
+std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
+                             std::vector<int64_t> sizes, int64_t act, Tensor xs, Tensor h, Tensor a, Tensor y) {
+  const int64_t E = sizes.size(), d = g.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
+  const auto start = starts(sizes);
+  const auto opt = g.options();
+  Tensor dw = at::empty({A}, opt), dwin = at::empty_like(w_in), dwd = at::empty_like(w_down),
+         dxs = at::empty({A, d}, opt), gbs = at::empty({A, d}, opt), das = at::empty({A, H}, opt),
+         dhs = at::empty({A, W}, opt);
+  const float *gp = g.data_ptr<float>(), *win = w_in.data_ptr<float>(), *wd = w_down.data_ptr<float>(),
+              *wt = weight_s.data_ptr<float>(), *xsp = xs.data_ptr<float>(), *ap = a.data_ptr<float>(),
+              *yp = y.data_ptr<float>();
+  const int64_t* tok = token_s.data_ptr<int64_t>();
+  float *dwp = dw.data_ptr<float>(), *dwinp = dwin.data_ptr<float>(), *dwdp = dwd.data_ptr<float>(),
+        *dxp = dxs.data_ptr<float>(), *gbp = gbs.data_ptr<float>(), *dap = das.data_ptr<float>(),
+        *dhp = dhs.data_ptr<float>();
+  each_expert(E, [&](int64_t e) {
+    const int64_t s = start[e], n = sizes[e];
+    if (n == 0) {
+      std::memset(dwinp + e * d * W, 0, sizeof(float) * d * W);
+      std::memset(dwdp + e * H * d, 0, sizeof(float) * H * d);
+      return;
+    }
+    std::vector<float> at_buf, bt_buf, wt_buf(std::max(H, W) * d);
+    float* gb = gbp + s * d;  // this expert's rows of g; then dL/dy = weight * g
+    for (int64_t i = 0; i < n; i++) {
+      const float *gi = gp + tok[s + i] * d, *yi = yp + (s + i) * d;
+      float dot = 0.f;
+      for (int64_t j = 0; j < d; j++) {
+        dot += gi[j] * yi[j];
+        gb[i * d + j] = gi[j] * wt[s + i];
+      }
+      dwp[s + i] = dot;  // dL/d weight = <g, y>
+    }
+    weight_grad(n, H, d, ap + s * H, gb, dwdp + e * H * d, at_buf, bt_buf);  // act^T dL/dy
+    transpose(wd + e * H * d, H, d, wt_buf.data());                       // w_down[e]^T (d x H)
+    mm_rows(n, H, d, gb, d, wt_buf.data(), H, dap + s * H, H);           // dL/d act
+    Tensor he = h.narrow(0, s, n), dae = das.narrow(0, s, n), dhe = dhs.narrow(0, s, n);
+    if (act == SWIGLU) {
+      Tensor gate = he.narrow(1, 0, H), up = he.narrow(1, H, H);
+      Tensor d_up = dhe.narrow(1, H, H), d_gate = dhe.narrow(1, 0, H);
+      at::mul_out(d_up, dae, at::silu(gate));
+      at::silu_backward_out(d_gate, dae.mul_(up), gate);
+    } else if (act == RELU) {
+      at::threshold_backward_out(dhe, dae, he, 0);
+    } else {
+      at::gelu_backward_out(dhe, dae, he);
+    }
+    weight_grad(n, d, W, xsp + s * d, dhp + s * W, dwinp + e * d * W, at_buf, bt_buf);  // x^T dL/dh
+    transpose(win + e * d * W, d, W, wt_buf.data());                                  // w_in[e]^T (W x d)
+    mm_rows(n, d, W, dhp + s * W, W, wt_buf.data(), d, dxp + s * d, d);              // dL/dx rows
+  });
+  return {combine(dxs, token_s, g.size(0)), dw, dwin, dwd};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "the experts' forward (see the file's head)");
+  m.def("backward", &backward, "the experts' backward");
+}

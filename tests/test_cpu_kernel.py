@@ -1,0 +1,141 @@
+"""The "cpu_kernel" dispatch path (model/cpu_kernel.py, its C++ in model/csrc/experts_cpu.cpp):
+built, taken by the rule, the function of the per-token reference (tests/test_model_dispatch.py
+runs every path, this one included, against it), independent of the thread count, and a clear
+fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moe_lm.checks import cpu_kernel as setting
+from moe_lm.errors import ConfigError
+from moe_lm.model import cpu_kernel, dispatch
+
+from test_model_dispatch import GRADS, grads_of, make_layer, reference_layer
+
+# NOTE: a machine with a C++ compiler must build it: a failed build there is a failure, not a skip
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler: the kernel cannot be built here")
+
+
+@needs_compiler
+def test_the_kernel_builds_and_passes_its_self_check():
+    assert cpu_kernel.load() is not None, cpu_kernel.why_not()
+    assert cpu_kernel.state_for(torch.device("cpu")) == "built"
+    assert cpu_kernel.state_for(torch.device("meta")) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu"])
+def test_the_rule_takes_the_kernel_for_small_float32_experts_and_it_is_the_reference(activation):
+    layer = make_layer(activation, E=8, k=2)
+    x = torch.randn(40, 16)
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    assert layer.experts.last_path == "cpu_kernel"
+    ref = grads_of(lambda x: reference_layer(layer, x), layer, x)
+    for name, a, b in zip(GRADS, ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@needs_compiler
+def test_the_result_is_the_same_on_one_thread_and_on_several():
+    """Each expert is one thread's work and the combine runs in row order: bitwise the same."""
+    layer = make_layer("swiglu", E=16, k=4, d=64, h=32)
+    x = torch.randn(300, 64)
+    keep = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out[threads] = grads_of(lambda x: layer(x)[0], layer, x)
+            assert layer.experts.last_path == "cpu_kernel"
+    finally:
+        torch.set_num_threads(keep)
+    for threads in (2, 3):
+        for name, a, b in zip(GRADS, out[threads], out[1]):
+            assert torch.equal(a, b), (threads, name)
+
+
+def test_where_the_kernel_is_not_built_the_layer_runs_fused_and_right(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    layer = make_layer("swiglu", E=8, k=2)
+    layer.dispatch_path = "cpu_kernel"  # asked for, not available: the same function by the fused path
+    x = torch.randn(40, 16)
+    ours = grads_of(lambda x: layer(x)[0], layer, x)
+    assert layer.experts.last_path == "fused"
+    layer.dispatch_path = None
+    layer(x)
+    assert layer.experts.last_path == "fused"
+    for a, b in zip(ours, grads_of(lambda x: reference_layer(layer, x), layer, x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_build_is_one_line_on_stderr_and_no_kernel(monkeypatch, capsys, tmp_path):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'moe_lm_experts_cpu'\nc++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernel, "build_dir", lambda: tmp_path)  # nothing built there: the notice first
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is None
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and err[0].startswith("moe-lm: building the CPU expert kernel")
+        assert err[-1].startswith("moe-lm: the CPU expert kernel is not available (RuntimeError: Error building")
+        assert "fused path" in err[-1] and "MOE_LM_CPU_KERNEL=off" in err[-1]
+        assert cpu_kernel.state_for(torch.device("cpu")).startswith("unavailable: RuntimeError")
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_off_never_builds_and_says_nothing(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("MOE_LM_CPU_KERNEL", " OFF ")
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("built although off"))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is None and cpu_kernel.state_for(torch.device("cpu")) == "off"
+        assert capsys.readouterr().err == ""
+        assert dispatch.choose_path(torch.zeros(4, 4), [5, 5]) == "fused"
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_a_bad_setting_is_a_config_error_naming_the_choices(monkeypatch):
+    monkeypatch.setenv("MOE_LM_CPU_KERNEL", "on")
+    with pytest.raises(ConfigError, match="MOE_LM_CPU_KERNEL='on'.*auto, off"):
+        setting()
+
+
+def test_the_self_check_refuses_a_kernel_that_computes_wrong_numbers():
+    class Wrong:
+        @staticmethod
+        def forward(x, token, weight, w_in, w_down, sizes, act):
+            A, d = token.shape[0], x.shape[1]
+            return [torch.zeros_like(x), torch.zeros(A, d), torch.zeros(A, w_in.shape[2]),
+                    torch.zeros(A, w_down.shape[1]), torch.zeros(A, d)]
+
+        @staticmethod
+        def backward(g, token, weight, w_in, w_down, sizes, act, *saved):
+            return [torch.zeros_like(g), torch.zeros(token.shape[0]), torch.zeros_like(w_in), torch.zeros_like(w_down)]
+
+    with pytest.raises(RuntimeError, match="self-check"):
+        cpu_kernel._self_check(Wrong())
+
+
+@needs_compiler
+def test_the_first_load_may_come_under_inference_mode(monkeypatch):
+    """An evaluation or generation may be the first to ask for the kernel: its self-check must
+    not need autograd."""
+    cpu_kernel.load.cache_clear()
+    try:
+        with torch.inference_mode():
+            assert cpu_kernel.load() is not None, cpu_kernel.why_not()
+    finally:
+        cpu_kernel.load.cache_clear()
