@@ -139,3 +139,25 @@ def test_the_first_load_may_come_under_inference_mode(monkeypatch):
             assert cpu_kernel.load() is not None, cpu_kernel.why_not()
     finally:
         cpu_kernel.load.cache_clear()
+
+
+@needs_compiler
+def test_the_kernels_top_k_is_torchs_where_no_row_ties_and_none_where_one_does():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1000, 32, generator=g).softmax(-1)
+    s[0, :3] = torch.tensor([float("inf"), float("-inf"), 1e30])  # distinct infinities are no tie
+    for k in (1, 4, 31, 32):
+        idx = cpu_kernel.topk_indices(s, k)
+        assert idx is not None and torch.equal(idx, s.topk(k, dim=-1).indices), k
+    order = s[7].argsort(descending=True)
+    for a, b in ((3, 4), (0, 1)):  # two equal scores among row 7's 5 largest: 4th and 5th, 1st and 2nd
+        t = s.clone()
+        t[7, order[b]] = t[7, order[a]]
+        assert cpu_kernel.topk_indices(t, 4) is None
+    t = s.clone()
+    t[3, 30] = float("nan")
+    assert cpu_kernel.topk_indices(t, 4) is None
+    t = s.clone()
+    t[3, 30] = t[3].min() - 1  # a low score equal to nothing above: still unique
+    assert cpu_kernel.topk_indices(t, 4) is not None
+    assert cpu_kernel.topk_indices(s.double(), 4) is None and cpu_kernel.topk_indices(s, 33) is None

@@ -357,9 +357,19 @@ def _same_as_keys(s, k, pos):
     assert torch.equal(bits(v), bits(rv))
 
 
-def test_fair_topk_cpu_shortcut_is_taken_on_distinct_scores_and_equals_the_keys(monkeypatch):
-    """The CPU shortcut (torch.topk of k + 1) on scores without ties: the keys are never asked,
-    and values, indices, order and the values' gradient are the key rule's."""
+@pytest.fixture(params=["kernel", "torch"])
+def cpu_topk(request, monkeypatch):
+    """The CPU shortcut both ways: the C++ kernel's one pass (where it is built) and torch.topk."""
+    from moe_lm.model import cpu_kernel
+
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernel, "topk_indices", lambda *a: None)
+    return request.param
+
+
+def test_fair_topk_cpu_shortcut_is_taken_on_distinct_scores_and_equals_the_keys(monkeypatch, cpu_topk):
+    """The CPU shortcut (torch.topk of k + 1, or the kernel's) on scores without ties: the keys are
+    never asked, and values, indices, order and the values' gradient are the key rule's."""
     from moe_lm.model import routing
 
     g = torch.Generator().manual_seed(1)
@@ -382,7 +392,7 @@ def test_fair_topk_cpu_shortcut_is_taken_on_distinct_scores_and_equals_the_keys(
 
 
 @pytest.mark.parametrize("who", [0, 1])
-def test_fair_topk_cpu_shortcut_hands_every_tie_to_the_keys(who):
+def test_fair_topk_cpu_shortcut_hands_every_tie_to_the_keys(who, cpu_topk):
     """Ties at the top-k edge, inside the top k, between -0.0 and +0.0, NaNs of either sign, and
     scores equal only once rounded to float32 (what the keys compare): each row's answer is the
     key rule's. `who` flips which of the tied experts the position prefers, so one of the two runs

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
-from . import gemm
+from . import cpu_kernel, gemm
 
 
 @dataclass
@@ -82,10 +82,14 @@ def fair_topk(scores: torch.Tensor, k: int, pos: Optional[torch.Tensor] = None) 
     On a CPU the common case takes a shortcut: torch.topk of k + 1, and when no two neighbours of
     any sorted row are equal (no tie inside the top k nor at its edge) and nothing is NaN, that
     top k is exactly what the keys would pick, in the same order; otherwise the keys decide. Half
-    the time of the keys at the demo's shape (4,096 x 32). Not on a GPU, where the check would make
+    the time of the keys at the demo's shape (4,096 x 32); for float32 scores the C++ kernel
+    (cpu_kernel.topk_indices) makes the same check in one pass over each row, ~5x faster again. Not on a GPU, where the check would make
     the host wait for the device, nor under torch.compile, where it would break the graph."""
     E = scores.shape[1]
     if scores.device.type == "cpu" and k <= E and not torch.compiler.is_compiling():
+        idx = cpu_kernel.topk_indices(scores, k)  # the same shortcut in C++ (float32, where it is built)
+        if idx is not None:
+            return scores.gather(1, idx), idx
         v, i = scores.topk(min(k + 1, E), dim=-1)
         vf = v.float()  # the keys compare float32 values: scores equal there are ties for both
         if not (bool((vf[:, 1:] == vf[:, :-1]).any()) or bool(vf.isnan().any())):

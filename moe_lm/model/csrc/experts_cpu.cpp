@@ -2,17 +2,17 @@
 // float32 on a CPU, one C++ call per direction and layer.
 //
 // Rows arrive sorted by expert (sizes[e] each). The experts are shared out over torch's threads by
-// a counter: a thread takes the next expert and runs all of it alone (gather, gate/up product,
-// activation, down product, gate-weight scaling; the backward likewise), so there is one
-// fork-join per call, not one per small operation, and a thread that another program holds back
-// just does fewer experts. The products go to oneDNN's brgemm micro-kernels
-// (at::native::cpublas::brgemm: the AVX-512 or AVX2 kernels this CPU has) in blocks of MB rows, so
-// whatever the routing, a layer uses a handful of kernel shapes (each new shape is a ~40 us
-// just-in-time build). Weight gradients sum KB rows per call, the rows of A^T turned into a
-// (P x KB) buffer (zero-padded in the last block) for the same reason. The activations are
-// ATen's vectorised kernels on each expert's rows. The combine sums each token's rows in their
-// expert-sorted order (index_add's arithmetic, parallel over the tokens): the result does not
-// depend on the number of threads.
+// a counter: a thread takes the next expert and runs its part of the work alone (its gather and
+// gate/up product; later its down product and scaling; the backward likewise), so a direction is
+// three fork-joins, not one per small operation per expert, and a thread that another program
+// holds back just does fewer experts. Between the two per-expert parts, the activation (or its
+// backward) runs over all rows at once in ATen's vectorised kernels. The products go to oneDNN's
+// brgemm micro-kernels (at::native::cpublas::brgemm: the AVX-512 or AVX2 kernels this CPU has) in
+// blocks of MB rows, so whatever the routing, a layer uses a handful of kernel shapes (each new
+// shape is a ~40 us just-in-time build). Weight gradients sum KB rows per call, the rows of A^T
+// turned into a (P x KB) buffer (zero-padded in the last block) for the same reason. The combine
+// sums each token's rows in their expert-sorted order (index_add's arithmetic, parallel over the
+// tokens): the result does not depend on the number of threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -60,11 +60,6 @@ void weight_grad(int64_t n, int64_t P, int64_t Q, const float* A, const float* B
     }
     cb::brgemm(P, Q, KB, KB, Q, Q, k0 > 0, at.data(), b, G, false);
   }
-}
-
-void transpose(const float* W, int64_t R, int64_t C, float* out) {  // W (R x C) -> out (C x R)
-  for (int64_t r = 0; r < R; r++)
-    for (int64_t c = 0; c < C; c++) out[c * R + r] = W[r * C + c];
 }
 
 // f(e) for every expert e in [0, E), shared out over torch's threads by a counter
@@ -118,11 +113,41 @@ std::vector<int64_t> starts(const std::vector<int64_t>& sizes) {
   return s;
 }
 
+
+// act = activation(h), over all rows at once (ATen's vectorised, multi-threaded kernels); SwiGLU
+// also keeps silu(gate) in sg for the backward
+void activate(const Tensor& h, Tensor& a, Tensor& sg, int64_t act, int64_t H) {
+  if (act == SWIGLU) {
+    at::silu_out(sg, h.narrow(1, 0, H));
+    at::mul_out(a, sg, h.narrow(1, H, H));
+  } else if (act == RELU) {
+    at::clamp_min_out(a, h, 0);
+  } else {
+    at::gelu_out(a, h);
+  }
+}
+
+// dh = dL/dh from da = dL/d act (da may be overwritten)
+void activate_backward(const Tensor& h, const Tensor& sg, Tensor& da, Tensor& dh, int64_t act, int64_t H) {
+  if (act == SWIGLU) {
+    Tensor gate = h.narrow(1, 0, H), up = h.narrow(1, H, H);
+    Tensor d_up = dh.narrow(1, H, H), d_gate = dh.narrow(1, 0, H);
+    at::mul_out(d_up, da, sg);
+    at::silu_backward_out(d_gate, da.mul_(up), gate);
+  } else if (act == RELU) {
+    at::threshold_backward_out(dh, da, h, 0);
+  } else {
+    at::gelu_backward_out(dh, da, h);
+  }
+}
+
 }  // namespace
 
 // x (T, d); token_s (A,) int64 and weight_s (A,) sorted by expert; w_in (E, d, W); w_down (E, H, d);
 // all float32 and contiguous. -> out (T, d), then what the backward needs: x's rows (A, d),
-// h (A, W), act (A, H), y (A, d) (unscaled).
+// h (A, W), act (A, H), y (A, d) (unscaled), silu(gate) (A, H) (SwiGLU; else empty).
+// Per expert: gather and gate/up product; the activation over all rows; per expert: the down
+// product and the scaling; the combine.
 std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
                             std::vector<int64_t> sizes, int64_t act) {
   const int64_t E = sizes.size(), d = x.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
@@ -130,7 +155,8 @@ std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_
   TORCH_CHECK(start[E] == A, "sizes must add up to the number of assignments");
   const auto opt = x.options();
   Tensor xs = at::empty({A, d}, opt), h = at::empty({A, W}, opt), a = at::empty({A, H}, opt),
-         y = at::empty({A, d}, opt), scaled = at::empty({A, d}, opt);
+         y = at::empty({A, d}, opt), scaled = at::empty({A, d}, opt),
+         sg = at::empty({act == SWIGLU ? A : 0, H}, opt);
   const float *xp = x.data_ptr<float>(), *win = w_in.data_ptr<float>(), *wd = w_down.data_ptr<float>(),
               *wt = weight_s.data_ptr<float>();
   const int64_t* tok = token_s.data_ptr<int64_t>();
@@ -138,35 +164,33 @@ std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_
         *yp = y.data_ptr<float>(), *sp = scaled.data_ptr<float>();
   each_expert(E, [&](int64_t e) {
     const int64_t s = start[e], n = sizes[e];
-    if (n == 0) return;
     for (int64_t i = s; i < s + n; i++) std::memcpy(xsp + i * d, xp + tok[i] * d, sizeof(float) * d);
     mm_rows(n, W, d, xsp + s * d, d, win + e * d * W, W, hp + s * W, W);
-    Tensor he = h.narrow(0, s, n), ae = a.narrow(0, s, n);
-    if (act == SWIGLU) {
-      at::silu_out(ae, he.narrow(1, 0, H));
-      ae.mul_(he.narrow(1, H, H));
-    } else if (act == RELU) {
-      at::clamp_min_out(ae, he, 0);
-    } else {
-      at::gelu_out(ae, he);
-    }
+  });
+  activate(h, a, sg, act, H);
+  each_expert(E, [&](int64_t e) {
+    const int64_t s = start[e], n = sizes[e];
     mm_rows(n, d, H, ap + s * H, H, wd + e * H * d, d, yp + s * d, d);
     for (int64_t i = s; i < s + n; i++)
       for (int64_t j = 0; j < d; j++) sp[i * d + j] = yp[i * d + j] * wt[i];
   });
-  return {combine(scaled, token_s, x.size(0)), xs, h, a, y};
+  return {combine(scaled, token_s, x.size(0)), xs, h, a, y, sg};
 }
 
 // g (T, d): dL/d out. -> dx (T, d), d weight_s (A,), d w_in (E, d, W), d w_down (E, H, d)
+// Per expert: dL/d weight, dL/dy, d w_down and dL/d act; the activation's backward over all rows;
+// per expert: d w_in and the rows of dL/dx; the combine.
 std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
-                             std::vector<int64_t> sizes, int64_t act, Tensor xs, Tensor h, Tensor a, Tensor y) {
+                             std::vector<int64_t> sizes, int64_t act, Tensor xs, Tensor h, Tensor a, Tensor y,
+                             Tensor sg) {
   const int64_t E = sizes.size(), d = g.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
   const auto start = starts(sizes);
   const auto opt = g.options();
   Tensor dw = at::empty({A}, opt), dwin = at::empty_like(w_in), dwd = at::empty_like(w_down),
          dxs = at::empty({A, d}, opt), gbs = at::empty({A, d}, opt), das = at::empty({A, H}, opt),
          dhs = at::empty({A, W}, opt);
-  const float *gp = g.data_ptr<float>(), *win = w_in.data_ptr<float>(), *wd = w_down.data_ptr<float>(),
+  Tensor wd_t = w_down.transpose(1, 2).contiguous(), win_t = w_in.transpose(1, 2).contiguous();  // (E, d, H), (E, W, d)
+  const float *gp = g.data_ptr<float>(), *wdt = wd_t.data_ptr<float>(), *wint = win_t.data_ptr<float>(),
               *wt = weight_s.data_ptr<float>(), *xsp = xs.data_ptr<float>(), *ap = a.data_ptr<float>(),
               *yp = y.data_ptr<float>();
   const int64_t* tok = token_s.data_ptr<int64_t>();
@@ -175,12 +199,7 @@ std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w
         *dhp = dhs.data_ptr<float>();
   each_expert(E, [&](int64_t e) {
     const int64_t s = start[e], n = sizes[e];
-    if (n == 0) {
-      std::memset(dwinp + e * d * W, 0, sizeof(float) * d * W);
-      std::memset(dwdp + e * H * d, 0, sizeof(float) * H * d);
-      return;
-    }
-    std::vector<float> at_buf, bt_buf, wt_buf(std::max(H, W) * d);
+    std::vector<float> at_buf, bt_buf;
     float* gb = gbp + s * d;  // this expert's rows of g; then dL/dy = weight * g
     for (int64_t i = 0; i < n; i++) {
       const float *gi = gp + tok[s + i] * d, *yi = yp + (s + i) * d;
@@ -192,27 +211,22 @@ std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w
       dwp[s + i] = dot;  // dL/d weight = <g, y>
     }
     weight_grad(n, H, d, ap + s * H, gb, dwdp + e * H * d, at_buf, bt_buf);  // act^T dL/dy
-    transpose(wd + e * H * d, H, d, wt_buf.data());                       // w_down[e]^T (d x H)
-    mm_rows(n, H, d, gb, d, wt_buf.data(), H, dap + s * H, H);           // dL/d act
-    Tensor he = h.narrow(0, s, n), dae = das.narrow(0, s, n), dhe = dhs.narrow(0, s, n);
-    if (act == SWIGLU) {
-      Tensor gate = he.narrow(1, 0, H), up = he.narrow(1, H, H);
-      Tensor d_up = dhe.narrow(1, H, H), d_gate = dhe.narrow(1, 0, H);
-      at::mul_out(d_up, dae, at::silu(gate));
-      at::silu_backward_out(d_gate, dae.mul_(up), gate);
-    } else if (act == RELU) {
-      at::threshold_backward_out(dhe, dae, he, 0);
-    } else {
-      at::gelu_backward_out(dhe, dae, he);
-    }
+    mm_rows(n, H, d, gb, d, wdt + e * d * H, H, dap + s * H, H);          // dL/d act = dL/dy w_down[e]^T
+  });
+  activate_backward(h, sg, das, dhs, act, H);
+  each_expert(E, [&](int64_t e) {
+    const int64_t s = start[e], n = sizes[e];
+    std::vector<float> at_buf, bt_buf;
     weight_grad(n, d, W, xsp + s * d, dhp + s * W, dwinp + e * d * W, at_buf, bt_buf);  // x^T dL/dh
-    transpose(win + e * d * W, d, W, wt_buf.data());                                  // w_in[e]^T (W x d)
-    mm_rows(n, d, W, dhp + s * W, W, wt_buf.data(), d, dxp + s * d, d);              // dL/dx rows
+    mm_rows(n, d, W, dhp + s * W, W, wint + e * W * d, d, dxp + s * d, d);           // dL/dh w_in[e]^T
   });
   return {combine(dxs, token_s, g.size(0)), dw, dwin, dwd};
 }
 
+std::tuple<Tensor, bool> topk_unique(Tensor scores, int64_t k);  // router_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("topk_unique", &topk_unique, "the router's top-k where no row ties (router_cpu.cpp)");
   m.def("forward", &forward, "the experts' forward (see the file's head)");
   m.def("backward", &backward, "the experts' backward");
 }
