@@ -123,28 +123,28 @@ def device(name: str, value: str, allowed: Iterable[str] = DEVICES) -> None:
         raise ConfigError(f"{_said(name, value)} but torch sees no {value.upper()} device", f"use {others}")
 
 
+def _env_choice(env: str, allowed: tuple, what: str) -> str:
+    """The environment variable `env` as one of `allowed` ("auto" when unset or empty; case and
+    spaces ignored); anything else is a ConfigError calling it "not a <what>"."""
+    raw = os.environ.get(env, "")
+    want = raw.strip().lower() or "auto"
+    if want not in allowed:
+        raise ConfigError(f"{env}={raw!r} is not a {what}", f"set it to one of {', '.join(allowed)}, or unset it")
+    return want
+
+
 def cpu_matmul() -> str:
     """The library asked for float32 matmuls on a CPU, from the environment variable
     MOE_LM_CPU_MATMUL: "auto" (unset or empty; model.gemm.backend resolves it), "onednn" or "blas";
     case and spaces ignored. Anything else is a ConfigError."""
-    raw = os.environ.get(CPU_MATMUL_ENV, "")
-    want = raw.strip().lower() or "auto"
-    if want not in CPU_MATMULS:
-        raise ConfigError(f"{CPU_MATMUL_ENV}={raw!r} is not a CPU matmul library",
-                          f"set it to one of {', '.join(CPU_MATMULS)}, or unset it")
-    return want
+    return _env_choice(CPU_MATMUL_ENV, CPU_MATMULS, "CPU matmul library")
 
 
 def cpu_kernel() -> str:
     """Whether MoE layers on a CPU may build and use the C++ expert kernel, from the environment
     variable MOE_LM_CPU_KERNEL: "auto" (unset or empty: where it builds) or "off"; case and spaces
     ignored. Anything else is a ConfigError."""
-    raw = os.environ.get(CPU_KERNEL_ENV, "")
-    want = raw.strip().lower() or "auto"
-    if want not in CPU_KERNELS:
-        raise ConfigError(f"{CPU_KERNEL_ENV}={raw!r} is not a CPU kernel setting",
-                          f"set it to one of {', '.join(CPU_KERNELS)}, or unset it")
-    return want
+    return _env_choice(CPU_KERNEL_ENV, CPU_KERNELS, "CPU kernel setting")
 
 
 def blocking_file(path: Path) -> Optional[Path]:

@@ -130,22 +130,16 @@ def test_compare_dense_refuses_a_bad_device_before_training_anything(tiny_data_d
     assert_refused(workdir, code, err, "--device tpu", "auto | cpu | cuda | mps")
 
 
+@pytest.mark.parametrize("env, value, choices", [("MOE_LM_CPU_MATMUL", "mkl", "auto, onednn, blas"),
+                                                 ("MOE_LM_CPU_KERNEL", "yes", "auto, off")], ids=["matmul", "kernel"])
 @pytest.mark.parametrize("argv", [["compare-dense", "-c", str(TINY_MOE), "train.max_steps=2"],
                                   ["train", "-c", str(TINY_MOE), "train.max_steps=2"],
                                   ["bench", "train", "-c", str(TINY_MOE), "--rounds", "1"]], ids=lambda a: a[0])
-def test_a_bad_cpu_matmul_library_is_one_line_before_any_work(argv, tiny_data_dir, workdir, monkeypatch, capsys):
-    monkeypatch.setenv("MOE_LM_CPU_MATMUL", "mkl")
+def test_a_bad_cpu_setting_in_the_environment_is_one_line_before_any_work(argv, env, value, choices, tiny_data_dir,
+                                                                          workdir, monkeypatch, capsys):
+    monkeypatch.setenv(env, value)
     code, err = call([*argv, f"data.dir={tiny_data_dir}"] if argv[0] != "bench" else argv, monkeypatch, capsys)
-    assert_refused(workdir, code, err, "MOE_LM_CPU_MATMUL='mkl'", "auto, onednn, blas")
-
-
-@pytest.mark.parametrize("argv", [["compare-dense", "-c", str(TINY_MOE), "train.max_steps=2"],
-                                  ["train", "-c", str(TINY_MOE), "train.max_steps=2"],
-                                  ["bench", "train", "-c", str(TINY_MOE), "--rounds", "1"]], ids=lambda a: a[0])
-def test_a_bad_cpu_kernel_setting_is_one_line_before_any_work(argv, tiny_data_dir, workdir, monkeypatch, capsys):
-    monkeypatch.setenv("MOE_LM_CPU_KERNEL", "yes")
-    code, err = call([*argv, f"data.dir={tiny_data_dir}"] if argv[0] != "bench" else argv, monkeypatch, capsys)
-    assert_refused(workdir, code, err, "MOE_LM_CPU_KERNEL='yes'", "auto, off")
+    assert_refused(workdir, code, err, f"{env}={value!r}", choices)
 
 
 # --- numbers ------------------------------------------------------------------------------------
