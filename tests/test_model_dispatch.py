@@ -153,6 +153,14 @@ def test_every_path_in_bf16_on_the_cpu_equals_the_float32_reference(path):
         assert_close_bf16(a, b, name)
 
 
+def assert_took(layer: MoELayer, path: str) -> None:
+    """The kernel path ran where it can (else these tests would test "fused" under its name)."""
+    from moe_lm.model import cpu_kernel
+
+    if path == "cpu_kernel" and cpu_kernel.cpu_has_brgemm() and cpu_kernel.load() is not None:
+        assert layer.experts.last_path == "cpu_kernel"
+
+
 @pytest.mark.parametrize("path", dispatch.PATHS)
 @pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu"])
 def test_grouped_dispatch_equals_per_token_reference(path, activation):
@@ -160,6 +168,7 @@ def test_grouped_dispatch_equals_per_token_reference(path, activation):
     layer.dispatch_path = path
     x = torch.randn(24, 16)
     ours = grads_of(lambda x: layer(x)[0], layer, x)
+    assert_took(layer, path)
     ref = grads_of(lambda x: reference_layer(layer, x), layer, x)
     for name, a, b in zip(["output", "d input", "d router", "d w_in", "d w_down"], ours, ref):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
@@ -175,6 +184,7 @@ def test_dispatch_with_empty_experts(path):
     y, stats = layer(x)
     assert stats.load[[0, 2, 3, 6, 7]].sum() == 0 and stats.load.sum() == 40
     ours = grads_of(lambda x: layer(x)[0], layer, x)
+    assert_took(layer, path)
     ref = grads_of(lambda x: reference_layer(layer, x, allowed=allowed), layer, x)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, **TOL)
@@ -192,6 +202,7 @@ def test_capacity_drops_the_latest_assignments_and_dropped_tokens_pass_through_z
     assert stats.dropped_frac > 0.3 and stats.load.max() <= C
     torch.testing.assert_close(stats.dropped_frac, torch.tensor(1 - float(stats.load.sum()) / 64))
     ours = grads_of(lambda x: layer(x)[0], layer, x)
+    assert_took(layer, path)
     ref = grads_of(lambda x: reference_layer(layer, x, capacity=C), layer, x)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, **TOL)

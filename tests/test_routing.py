@@ -359,12 +359,16 @@ def _same_as_keys(s, k, pos):
 
 @pytest.fixture(params=["kernel", "torch"])
 def cpu_topk(request, monkeypatch):
-    """The CPU shortcut both ways: the C++ kernel's one pass (where it is built) and torch.topk."""
+    """The CPU shortcut both ways: the C++ kernel's one pass (where it is built) and torch.topk.
+    -> (which, the kernel's answers: a list of index tensors or None)."""
     from moe_lm.model import cpu_kernel
 
+    answers, real = [], cpu_kernel.topk_indices
     if request.param == "torch":
         monkeypatch.setattr(cpu_kernel, "topk_indices", lambda *a: None)
-    return request.param
+    else:
+        monkeypatch.setattr(cpu_kernel, "topk_indices", lambda *a: answers.append(real(*a)) or answers[-1])
+    return request.param, answers
 
 
 def test_fair_topk_cpu_shortcut_is_taken_on_distinct_scores_and_equals_the_keys(monkeypatch, cpu_topk):
@@ -377,10 +381,10 @@ def test_fair_topk_cpu_shortcut_is_taken_on_distinct_scores_and_equals_the_keys(
     s[0, :3] = torch.tensor([float("inf"), float("-inf"), 1e30])  # infinities, distinct, are no tie
     ref_v, ref_i = routing.topk_by_keys(s, 3)
     for k in (3, 8):
-        monkeypatch.setattr(routing, "topk_by_keys", lambda *a: pytest.fail("the keys were asked"))
-        sg = s.clone().requires_grad_(True)
-        v, i = routing.fair_topk(sg, k)
-        monkeypatch.undo()
+        with monkeypatch.context() as m:  # (not undo(): that would also drop the fixture's patch)
+            m.setattr(routing, "topk_by_keys", lambda *a: pytest.fail("the keys were asked"))
+            sg = s.clone().requires_grad_(True)
+            v, i = routing.fair_topk(sg, k)
         sr = s.clone().requires_grad_(True)
         rv, ri = routing.topk_by_keys(sr, k)
         assert torch.equal(i, ri) and torch.equal(v, rv)
@@ -389,6 +393,11 @@ def test_fair_topk_cpu_shortcut_is_taken_on_distinct_scores_and_equals_the_keys(
         (rv * w).sum().backward()
         assert torch.equal(sg.grad, sr.grad)
     assert torch.equal(routing.fair_topk(s, 3)[1], ref_i)
+    from moe_lm.model import cpu_kernel
+
+    which, answers = cpu_topk
+    if which == "kernel" and cpu_kernel.cpu_has_brgemm() and cpu_kernel.load() is not None:
+        assert answers and all(a is not None for a in answers)  # the kernel answered every call
 
 
 @pytest.mark.parametrize("who", [0, 1])

@@ -5,67 +5,95 @@ float32 on a CPU (the source: csrc/experts_cpu.cpp); and the router's top-k on a
     y = KernelExpertsFFN.apply(x, weight_s, w_in, w_down, token_s, sizes, activation)
     # the signature and result of dispatch.ExpertsFFN: x (T, d) -> (T, d)
 
-What it does: each of torch's threads takes whole experts off a counter and runs all of one
-expert alone (the gather of its rows, the gate/up product, the activation, the down product, the
-scaling by the gate weights; the backward likewise), with the products in oneDNN's brgemm
-micro-kernels (`at::native::cpublas::brgemm`, the AVX-512 or AVX2 kernels the CPU has). The
-combine sums each token's rows in their expert-sorted order, index_add's arithmetic, parallel over
-the tokens, so the result does not depend on the thread count. Why: the Python fused path issues ~7 small operations
-per block of experts and direction, each a fork-join over every thread, and its small products run
-through MKL at AVX2 width on an AMD CPU; at the demo's shape (4,096 tokens, 32 SwiGLU experts of
-width 64, top-4) this kernel took one layer's dispatch, forward and backward, from 13-18 ms to
-7.3-8.1 ms (docs/PERFORMANCE.md, "The experts in one C++ call").
+What it does: the experts are shared out over torch's threads by a counter, and a thread runs its
+expert's part alone: the gather of its rows and the gate/up product; then (after the activation,
+computed over all rows in fixed blocks) the down product and the scaling by the gate weights; the
+backward likewise. The products go to oneDNN's brgemm micro-kernels (`at::native::cpublas::brgemm`,
+the AVX-512 or AVX2 kernels the CPU has). The combine sums each token's rows in their
+expert-sorted order, index_add's arithmetic, parallel over the tokens. Every element is computed
+the same way whatever the thread count, so the result does not depend on it. Why: the Python fused
+path issues ~7 small operations per block of experts and direction, each a fork-join over every
+thread, and its small products run through MKL at AVX2 width on an AMD CPU; at the demo's shape
+(4,096 tokens, 32 SwiGLU experts of width 64, top-4) one layer's dispatch, forward and backward,
+went from 13-18 ms to ~6 ms (docs/PERFORMANCE.md, "The experts in one C++ call").
 
-Where: `dispatch.choose_path` takes it on a CPU for experts below dispatch.THREADS_MIN_MACS
-multiply-adds a product (big experts keep the fused path's expert threads and oneDNN products,
-measured beside busy programs), float32, outside torch.compile, wherever it builds.
+Where: `dispatch.choose_path` takes it on an x86 CPU with AVX2 or AVX-512 for experts below
+dispatch.THREADS_MIN_MACS multiply-adds a product (big experts keep the fused path's expert threads
+and oneDNN products: at d_model 512 they measured faster), float32, outside torch.compile,
+wherever it builds.
 
-Built at first use with torch's cpp_extension (a C++ compiler and ninja; ~25 s, once per source
-and torch version, cached in torch's extensions folder, TORCH_EXTENSIONS_DIR), then checked on a
-small problem against torch's own ops. Where it does not build or the check fails, `load()` says
-why once on stderr and the layers take the Python fused path. MOE_LM_CPU_KERNEL=off never builds
-it (checks.cpu_kernel).
+Built the first time a float32 MoE layer runs on a CPU (training loads it before the first step)
+with torch's cpp_extension: a C++ compiler on the machine and ninja (a dependency); ~20-30 s, once
+per source, flags, Python and torch version, in torch's extensions folder (TORCH_EXTENSIONS_DIR,
+else XDG_CACHE_HOME's or ~/.cache's torch_extensions). Then it is checked on a small problem
+against float64 formulas. Where it cannot be built (no compiler: said at once; a failed build:
+remembered in the build folder, so later processes do not try again) or the check fails, `load()`
+says why in one line on stderr and the layers take the Python fused path. MOE_LM_CPU_KERNEL=off
+never builds it (checks.cpu_kernel).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
+import sysconfig
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..checks import cpu_kernel as setting
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("experts_cpu.cpp", "router_cpu.cpp")]
 NAME = "moe_lm_experts_cpu"
 ACTIVATIONS = {"swiglu": 0, "relu": 1, "gelu": 2}
-
-_why_not: list[str] = []  # why load() returned None, once it has
-
-
 # NOTE: -fopenmp: at::parallel_for is a header template; without it the experts run serially
 CFLAGS = ["-O3", "-fopenmp"]
+LOCK_WAIT_S = 600  # how long a process waits for another one's build before it takes the fused path
+
+_why_not: list[str] = []  # why load() returned None, once it has
+_loaded: list = []  # [the module or None] once load() has run
+_load_lock = threading.Lock()
 
 
 def build_dir() -> Path:
-    """Where the extension is built: torch's extensions folder, one subfolder per source, flags
-    and torch version (a change to any of them builds afresh, elsewhere)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-    key = b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode() + torch.__version__.encode()
+    """Where the extension is built: torch's extensions folder, one subfolder per source, flags,
+    Python and torch version (a change to any of them builds afresh, elsewhere)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(cache) / "torch_extensions")
+    key = b"".join(p.read_bytes() for p in SOURCES) + " ".join(
+        [*CFLAGS, torch.__version__, sys.version.split()[0], str(sysconfig.get_config_var("EXT_SUFFIX"))]).encode()
     return Path(root) / f"{NAME}_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
+def _library(where: Path) -> Path:
+    return where / (NAME + (".pyd" if sys.platform == "win32" else ".so"))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _import_built(where: Path):
-    """The module already built in `where`, imported directly, or None. (torch's cpp_extension.load
-    would run ninja again in every process, and rebuild when two copies of this package, such as
-    benchmarks/bench_against_commit.py's, load the same sources from two paths.)"""
-    path = where / (NAME + (".pyd" if sys.platform == "win32" else ".so"))
-    if not path.is_file():
+    """The module built and checked in `where` earlier, imported directly; None where there is
+    none, or the file is not the one that passed (a marker, "ok", holds its hash: an interrupted
+    build's truncated file is never imported, which would crash the process). Why not torch's
+    cpp_extension.load: it runs ninja again in every process, and rebuilds when two copies of this
+    package (benchmarks/bench_against_commit.py's) load the same sources from two paths."""
+    path, marker = _library(where), where / "ok"
+    try:
+        if not marker.is_file() or marker.read_text().strip() != _digest(path):
+            return None
+    except OSError:
         return None
     loaded = sys.modules.get(NAME)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path):
@@ -77,36 +105,126 @@ def _import_built(where: Path):
     return module
 
 
-@functools.cache
+class _BuildLock:
+    """An exclusive lock on `where`/build.lock (fcntl.flock: the OS drops it when its process dies,
+    so a killed build leaves no lock behind). While held, a lock file torch's own loader left
+    (it removes it only in a `finally`) is stale and is removed. Without fcntl (Windows): no lock."""
+
+    def __init__(self, where: Path):
+        self.path, self.f = where / "build.lock", None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.f = open(self.path, "w")
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.f.close()
+                    raise TimeoutError(f"another process has been building it for over {LOCK_WAIT_S} s")
+                time.sleep(0.2)
+        (self.path.parent / "lock").unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            self.f.close()  # releases the flock
+
+
+class KernelUnavailable(RuntimeError):
+    """Why the kernel cannot be had here, in one line for the user."""
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """One line: the compiler's first error line where the text has one, else the first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower()]  # the compiler's ("...: fatal error: ...")
+    line = errors[0] if errors else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line}"[:300]
+
+
+def _build(where: Path):
+    """Build into `where` (under _BuildLock), check, and mark it good; a failure is written to
+    `where`/failed and raised."""
+    from torch.utils import cpp_extension
+
+    compiler = cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        raise KernelUnavailable(f"no C++ compiler ({compiler}) on this machine: install one (Linux: g++; "
+                                "macOS: xcode-select --install)")
+    print("moe-lm: building the CPU expert kernel (once per machine and torch version, ~30 s) ...",
+          file=sys.stderr, flush=True)
+    # NOTE: ninja from this environment's bin folder (pip's ninja) when the shell's PATH lacks it
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + bin_dir
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's compiler-version warnings: the reason is said below
+            ext = cpp_extension.load(NAME, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
+                                     extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+        _self_check(ext)
+    except Exception as exc:
+        reason = _failure_reason(exc)
+        (where / "failed").write_text(reason + "\n")
+        raise KernelUnavailable(f"{reason} (remove {where / 'failed'} to try again)") from exc
+    tmp = where / "ok.tmp"
+    tmp.write_text(_digest(_library(where)) + "\n")
+    tmp.replace(where / "ok")
+    return ext
+
+
 def load():
     """The built and checked extension module, or None (why_not() says why; said once on stderr,
-    except for MOE_LM_CPU_KERNEL=off)."""
+    except for MOE_LM_CPU_KERNEL=off). Thread-safe; the answer is kept for the process
+    (load.cache_clear() forgets it)."""
+    with _load_lock:
+        if not _loaded:
+            _loaded.append(_load())
+        return _loaded[0]
+
+
+def _cache_clear() -> None:
+    with _load_lock:
+        _loaded.clear()
+
+
+load.cache_clear = _cache_clear
+load.loaded = lambda: bool(_loaded)
+
+
+def _load():
     if setting() == "off":
         _why_not.append("MOE_LM_CPU_KERNEL=off")
         return None
     try:
-        from torch.utils import cpp_extension
-
         where = build_dir()
         try:
             ext = _import_built(where)
-        except ImportError:  # a broken file (an interrupted build): built again below
+        except ImportError:  # a file that does not load here: built again below
             ext = None
-        if ext is None:
-            where.mkdir(parents=True, exist_ok=True)
-            print("moe-lm: building the CPU expert kernel (once per machine and torch version, ~30 s) ...",
-                  file=sys.stderr, flush=True)
-            # NOTE: ninja from this environment's bin folder (pip's ninja) when the shell's PATH lacks it
-            bin_dir = os.path.dirname(sys.executable)
-            if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-                os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + bin_dir
-            ext = cpp_extension.load(NAME, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
-                                     extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+        if ext is not None:
+            _self_check(ext)
+            return ext
+        where.mkdir(parents=True, exist_ok=True)
+        with _BuildLock(where):
+            failed = where / "failed"
+            if failed.is_file():
+                raise KernelUnavailable(f"{failed.read_text().strip()} (an earlier build here failed; remove "
+                                        f"{failed} to try again)")
+            ext = _import_built(where)  # another process may have built it while this one waited
+            if ext is None:
+                return _build(where)  # built and checked
         _self_check(ext)
         return ext
     except Exception as exc:  # noqa: BLE001 - any failure to build or run it: the Python path instead
-        text = str(exc).strip()
-        _why_not.append(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300])
+        _why_not.append(str(exc) if isinstance(exc, KernelUnavailable) else _failure_reason(exc))
         print(f"moe-lm: the CPU expert kernel is not available ({_why_not[-1]}); the MoE layers take the "
               "Python fused path (MOE_LM_CPU_KERNEL=off skips the attempt)", file=sys.stderr, flush=True)
         return None
@@ -153,25 +271,32 @@ def _self_check(ext) -> None:
 def state_for(device: torch.device) -> Optional[str]:
     """What run and bench records keep as "cpu_kernel": None off a CPU or where nothing asked for
     the kernel in this process (a dense model); else "built", "off" or "unavailable: <why>"."""
-    if device.type != "cpu" or load.cache_info().currsize == 0:
+    if device.type != "cpu" or not load.loaded():
         return None
     if load() is not None:
         return "built"
     return "off" if why_not() == "MOE_LM_CPU_KERNEL=off" else f"unavailable: {why_not()}"
 
 
+def cpu_has_brgemm() -> bool:
+    """Whether oneDNN has brgemm micro-kernels for float32 on this CPU: x86 with AVX2 or AVX-512
+    (elsewhere torch's brgemm falls back to one BLAS call per block of rows: not measured, so not
+    taken)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel can take these tensors: float32 on a CPU, outside torch.compile, and
-    the kernel built (load())."""
+    """Whether the kernel can take these tensors: float32 on a CPU with brgemm (cpu_has_brgemm),
+    outside torch.compile, and the kernel built (load())."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    return not torch.compiler.is_compiling() and load() is not None
+    return not torch.compiler.is_compiling() and cpu_has_brgemm() and load() is not None
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     """The indices (T, k) of each row's k largest scores, in descending order, by the kernel
-    (csrc/router_cpu.cpp: ~0.1-0.2 ms for the demo's (4,096 x 32) top-4 where torch.topk took
-    ~0.8): torch.topk's answer, the only one, when no row has a NaN or two equal scores among its
+    (csrc/router_cpu.cpp: ~0.41 ms for the demo's (4,096 x 32) top-4 where torch.topk of 5 took
+    ~0.69): torch.topk's answer, the only one, when no row has a NaN or two equal scores among its
     k + 1 largest. None when some row does (the caller breaks the ties) or where the kernel cannot
     take scores (applies). scores (T, E), 1 <= k <= E."""
     if scores.dim() != 2 or not 1 <= k <= scores.shape[1] or not applies(scores):
@@ -196,6 +321,7 @@ class KernelExpertsFFN(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernel's backward is not itself differentiable
     def backward(ctx, g):
         token_s, wf, w_in, w_down, *saved = ctx.saved_tensors
         dx, dw, dwin, dwd = load().backward(g.contiguous(), token_s, wf, w_in, w_down, ctx.sizes, ctx.act, *saved)

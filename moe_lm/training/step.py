@@ -51,8 +51,8 @@ class Parts:
         """The model of cfg.model on `device` (drawn from the torch RNG: seed first), AdamW,
         torchrun's sharding and DDP wrapper, torch.compile, the float16 grad scaler."""
         model = Transformer(cfg.model).to(device)
-        if cfg.model.moe is not None and device.type == "cpu" and amp_dtype is None:
-            cpu_kernel.load()  # built (once per machine) now, not inside the first step
+        if cfg.model.moe is not None and device.type == "cpu":
+            cpu_kernel.load()  # built (once per machine) now, not inside the first step (the router's top-k uses it too)
         n_params = sum(p.numel() for p in model.parameters())
         expert_parallel = ctx.enabled and cfg.model.moe is not None and cfg.model.moe.expert_parallel
         distributed.prepare_model(model, ctx, expert_parallel)  # no-op in one process

@@ -4,9 +4,10 @@
 // Rows arrive sorted by expert (sizes[e] each). The experts are shared out over torch's threads by
 // a counter: a thread takes the next expert and runs its part of the work alone (its gather and
 // gate/up product; later its down product and scaling; the backward likewise), so a direction is
-// three fork-joins, not one per small operation per expert, and a thread that another program
-// holds back just does fewer experts. Between the two per-expert parts, the activation (or its
-// backward) runs over all rows at once in ATen's vectorised kernels. The products go to oneDNN's
+// four fork-joins (two expert phases, the activation, the combine), not one per small operation
+// per expert, and a thread that another program holds back just does fewer experts. Between the
+// two expert phases the activation (or its backward) runs in ATen's vectorised kernels over fixed
+// blocks of rows. The products go to oneDNN's
 // brgemm micro-kernels (at::native::cpublas::brgemm: the AVX-512 or AVX2 kernels this CPU has) in
 // blocks of MB rows, so whatever the routing, a layer uses a handful of kernel shapes (each new
 // shape is a ~40 us just-in-time build). Weight gradients sum KB rows per call, the rows of A^T
@@ -114,31 +115,79 @@ std::vector<int64_t> starts(const std::vector<int64_t>& sizes) {
 }
 
 
-// act = activation(h), over all rows at once (ATen's vectorised, multi-threaded kernels); SwiGLU
-// also keeps silu(gate) in sg for the backward
-void activate(const Tensor& h, Tensor& a, Tensor& sg, int64_t act, int64_t H) {
-  if (act == SWIGLU) {
-    at::silu_out(sg, h.narrow(1, 0, H));
-    at::mul_out(a, sg, h.narrow(1, H, H));
-  } else if (act == RELU) {
-    at::clamp_min_out(a, h, 0);
-  } else {
-    at::gelu_out(a, h);
-  }
+constexpr int64_t RB = 1024;  // rows per block of the activation
+
+// f(first row, rows) for fixed blocks of RB rows, shared out over the threads. ATen's elementwise
+// kernels run single-threaded inside (a parallel region), each on whole rows starting at the same
+// place whatever the thread count: left to split one call over the threads, ATen cut rows at
+// places that depend on the thread count, and the elements there took its scalar tail instead of
+// its vector loop (other bits).
+template <typename F>
+void each_row_block(int64_t A, const F& f) {
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, (A + RB - 1) / RB, 1, [&](int64_t b0, int64_t b1) {
+    c10::InferenceMode inference_mode(inference);
+    at::NoGradGuard no_grad;
+    for (int64_t b = b0; b < b1; b++) f(b * RB, std::min(RB, A - b * RB));
+  });
 }
 
-// dh = dL/dh from da = dL/d act (da may be overwritten)
-void activate_backward(const Tensor& h, const Tensor& sg, Tensor& da, Tensor& dh, int64_t act, int64_t H) {
-  if (act == SWIGLU) {
-    Tensor gate = h.narrow(1, 0, H), up = h.narrow(1, H, H);
-    Tensor d_up = dh.narrow(1, H, H), d_gate = dh.narrow(1, 0, H);
-    at::mul_out(d_up, da, sg);
-    at::silu_backward_out(d_gate, da.mul_(up), gate);
-  } else if (act == RELU) {
-    at::threshold_backward_out(dh, da, h, 0);
-  } else {
-    at::gelu_backward_out(dh, da, h);
+// act = activation(h); SwiGLU also keeps silu(gate) in sg for the backward
+void activate(const Tensor& h, const Tensor& a, const Tensor& sg, int64_t act, int64_t H) {
+  each_row_block(h.size(0), [&](int64_t r, int64_t n) {
+    Tensor hb = h.narrow(0, r, n), ab = a.narrow(0, r, n);
+    if (act == SWIGLU) {
+      Tensor sgb = sg.narrow(0, r, n);
+      at::silu_out(sgb, hb.narrow(1, 0, H));
+      at::mul_out(ab, sgb, hb.narrow(1, H, H));
+    } else if (act == RELU) {
+      at::clamp_min_out(ab, hb, 0);
+    } else {
+      at::gelu_out(ab, hb);
+    }
+  });
+}
+
+// dh = dL/dh from da = dL/d act (da is overwritten)
+void activate_backward(const Tensor& h, const Tensor& sg, const Tensor& da, const Tensor& dh, int64_t act,
+                       int64_t H) {
+  each_row_block(h.size(0), [&](int64_t r, int64_t n) {
+    Tensor hb = h.narrow(0, r, n), dab = da.narrow(0, r, n), dhb = dh.narrow(0, r, n);
+    if (act == SWIGLU) {
+      Tensor gate = hb.narrow(1, 0, H), up = hb.narrow(1, H, H);
+      Tensor d_up = dhb.narrow(1, H, H), d_gate = dhb.narrow(1, 0, H);
+      at::mul_out(d_up, dab, sg.narrow(0, r, n));
+      at::silu_backward_out(d_gate, dab.mul_(up), gate);
+    } else if (act == RELU) {
+      at::threshold_backward_out(dhb, dab, hb, 0);
+    } else {
+      at::gelu_backward_out(dhb, dab, hb);
+    }
+  });
+}
+
+// the shapes, dtypes and layouts both directions rely on, and every row's token in [0, T)
+void check_inputs(int64_t T, int64_t d, const Tensor& token_s, const Tensor& weight_s, const Tensor& w_in,
+                  const Tensor& w_down, const std::vector<int64_t>& sizes, int64_t act) {
+  TORCH_CHECK(act == SWIGLU || act == RELU || act == GELU, "act must be 0 (SwiGLU), 1 (ReLU) or 2 (GELU)");
+  TORCH_CHECK(w_in.dim() == 3 && w_down.dim() == 3 && w_in.scalar_type() == at::kFloat &&
+              w_down.scalar_type() == at::kFloat && w_in.is_contiguous() && w_down.is_contiguous(),
+              "w_in (E, d, W) and w_down (E, H, d): contiguous float32");
+  const int64_t E = w_in.size(0), H = w_down.size(1);
+  TORCH_CHECK(w_down.size(0) == E && w_in.size(1) == d && w_down.size(2) == d &&
+              w_in.size(2) == (act == SWIGLU ? 2 * H : H), "w_in and w_down do not match each other or d");
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == E, "sizes must have one count per expert");
+  TORCH_CHECK(token_s.dim() == 1 && token_s.scalar_type() == at::kLong && token_s.is_contiguous() &&
+              weight_s.dim() == 1 && weight_s.scalar_type() == at::kFloat && weight_s.is_contiguous() &&
+              weight_s.size(0) == token_s.size(0), "token_s (A,) int64 and weight_s (A,) float32, contiguous");
+  int64_t A = 0;
+  for (int64_t n : sizes) {
+    TORCH_CHECK(n >= 0, "sizes must not be negative");
+    A += n;
   }
+  TORCH_CHECK(A == token_s.size(0), "sizes must add up to the number of assignments");
+  const int64_t* tok = token_s.data_ptr<int64_t>();
+  for (int64_t i = 0; i < A; i++) TORCH_CHECK(tok[i] >= 0 && tok[i] < T, "token index out of range");
 }
 
 }  // namespace
@@ -150,9 +199,10 @@ void activate_backward(const Tensor& h, const Tensor& sg, Tensor& da, Tensor& dh
 // product and the scaling; the combine.
 std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
                             std::vector<int64_t> sizes, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (T, d): contiguous float32");
+  check_inputs(x.size(0), x.size(1), token_s, weight_s, w_in, w_down, sizes, act);
   const int64_t E = sizes.size(), d = x.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
   const auto start = starts(sizes);
-  TORCH_CHECK(start[E] == A, "sizes must add up to the number of assignments");
   const auto opt = x.options();
   Tensor xs = at::empty({A, d}, opt), h = at::empty({A, W}, opt), a = at::empty({A, H}, opt),
          y = at::empty({A, d}, opt), scaled = at::empty({A, d}, opt),
@@ -183,7 +233,11 @@ std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_
 std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
                              std::vector<int64_t> sizes, int64_t act, Tensor xs, Tensor h, Tensor a, Tensor y,
                              Tensor sg) {
+  TORCH_CHECK(g.dim() == 2 && g.scalar_type() == at::kFloat && g.is_contiguous(), "g (T, d): contiguous float32");
+  check_inputs(g.size(0), g.size(1), token_s, weight_s, w_in, w_down, sizes, act);
   const int64_t E = sizes.size(), d = g.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
+  TORCH_CHECK(xs.size(0) == A && h.size(0) == A && a.size(0) == A && y.size(0) == A &&
+              sg.size(0) == (act == SWIGLU ? A : 0), "the saved tensors are not this call's");
   const auto start = starts(sizes);
   const auto opt = g.options();
   Tensor dw = at::empty({A}, opt), dwin = at::empty_like(w_in), dwd = at::empty_like(w_down),

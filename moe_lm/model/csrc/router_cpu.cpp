@@ -1,6 +1,7 @@
 // The router's top-k on a CPU (model/routing.py, fair_topk): the k largest scores of each row, the
 // rows shared out over torch's threads. Each row keeps its k + 1 largest in a short sorted list
-// (one pass over the E scores), so (4,096 x 32) top-4 takes ~0.1-0.2 ms where torch.topk took ~0.8.
+// (one pass over the E scores): (4,096 x 32) top-4 in ~0.41 ms on 2 threads, where torch.topk of 5
+// took ~0.69.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
