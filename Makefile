@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	# requirement could pull a multi-GB CUDA build).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
+	# The MoE layers' CPU kernel (moe_lm/model/cpu_kernel.py), built once now rather than inside
+	# the first training; where it cannot be, one line says why and the layers run without it.
+	$(PY) -c "from moe_lm.model import cpu_kernel; cpu_kernel.load()"
 	touch $@
 
 install: $(VENV)/.installed
