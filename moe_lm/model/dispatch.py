@@ -29,10 +29,10 @@ reference, outputs and gradients):
   padding. The CPU's path for big experts and where the kernel below does not build, and
   everywhere the path for unbalanced routing.
 - "cpu_kernel": the fused path's function as one C++ call per direction (model/cpu_kernel.py,
-  csrc/experts_cpu.cpp), float32 on a CPU where it builds: each thread takes whole experts off a
-  counter, their products in oneDNN's brgemm micro-kernels; the same index_add combine. The
-  CPU's path for experts below THREADS_MIN_MACS (the demo's); asked for where it cannot run, it
-  runs "fused".
+  csrc/experts_cpu.cpp), float32 on an x86 CPU where it builds: the experts shared out over the
+  threads, their products in oneDNN's brgemm micro-kernels, each token's rows summed in order
+  (index_add's arithmetic). The CPU's path for experts below THREADS_MIN_MACS (the demo's); asked
+  for where it cannot run, it runs "fused".
 - "padded": a custom autograd Function (`PaddedFFN`) that copies every expert's rows into one
   (E, C, d) buffer, C = the largest expert's rows, zero elsewhere; each matmul is then ONE bmm
   over all experts and the activation one call: about a dozen operations per direction whatever
