@@ -123,8 +123,8 @@ def test_without_a_compiler_it_says_so_at_once(monkeypatch, capsys, fresh_build_
 
 def test_a_file_that_did_not_pass_is_never_imported_and_a_stale_lock_does_not_block(monkeypatch, fresh_build_dir):
     """A truncated library (an interrupted build) would crash the process at import: only the file
-    whose hash the "ok" marker holds is imported. torch's own lock file, left by a killed build,
-    is removed once this process holds the build lock."""
+    whose hash the "ok" marker holds is imported, and a rebuild links afresh. torch's own lock
+    file, left by a killed build, is removed once this process holds the build lock."""
     from torch.utils import cpp_extension
 
     lib = cpu_kernel._library(fresh_build_dir)
@@ -136,6 +136,7 @@ def test_a_file_that_did_not_pass_is_never_imported_and_a_stale_lock_does_not_bl
 
     def build(*a, **k):
         assert not (fresh_build_dir / "lock").exists()
+        assert not lib.exists()  # the truncated file is not left for torch's loader to import
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(cpp_extension, "load", build)

@@ -105,6 +105,14 @@ def _import_built(where: Path):
     return module
 
 
+def _try_import(where: Path):
+    """_import_built, with a file that does not load here (ImportError) taken as none: built again."""
+    try:
+        return _import_built(where)
+    except ImportError:
+        return None
+
+
 class _BuildLock:
     """An exclusive lock on `where`/build.lock (fcntl.flock: the OS drops it when its process dies,
     so a killed build leaves no lock behind). While held, a lock file torch's own loader left
@@ -164,6 +172,9 @@ def _build(where: Path):
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + bin_dir
+    # NOTE: a library left by a killed build may be truncated, and torch's loader would import it
+    # (a crash): linked afresh instead
+    _library(where).unlink(missing_ok=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's compiler-version warnings: the reason is said below
@@ -205,10 +216,7 @@ def _load():
         return None
     try:
         where = build_dir()
-        try:
-            ext = _import_built(where)
-        except ImportError:  # a file that does not load here: built again below
-            ext = None
+        ext = _try_import(where)
         if ext is not None:
             _self_check(ext)
             return ext
@@ -218,7 +226,7 @@ def _load():
             if failed.is_file():
                 raise KernelUnavailable(f"{failed.read_text().strip()} (an earlier build here failed; remove "
                                         f"{failed} to try again)")
-            ext = _import_built(where)  # another process may have built it while this one waited
+            ext = _try_import(where)  # another process may have built it while this one waited
             if ext is None:
                 return _build(where)  # built and checked
         _self_check(ext)
