@@ -43,9 +43,9 @@ def test_the_rule_takes_the_kernel_for_small_float32_experts_and_it_is_the_refer
 @needs_compiler
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_the_result_is_the_same_on_one_thread_and_on_several(activation):
-    """Each expert is one thread's work, the activation runs over fixed blocks of rows and the
-    combine in row order: bitwise the same on 1, 2 and 3 threads, at the demo's shape (16,384 rows,
-    where 3 threads once split the activation mid-row)."""
+    """Each expert is one thread's work, each row's element-wise work is the same wherever the row
+    falls, and the combine sums in row order: bitwise the same on 1, 2 and 3 threads, at the demo's
+    shape (16,384 rows, where 3 threads once split ATen's activation mid-row)."""
     layer = make_layer(activation, E=32, k=4, d=64, h=64)
     x = torch.randn(4096, 64)
     keep = torch.get_num_threads()
@@ -61,6 +61,29 @@ def test_the_result_is_the_same_on_one_thread_and_on_several(activation):
         for name, a, b in zip(GRADS, out[threads], out[1]):
             assert torch.equal(a, b), (threads, name)
 
+
+
+@needs_compiler
+def test_its_swiglu_is_torchs_silu_over_the_whole_float_range():
+    """The kernel's own exp (a polynomial, vectorised): silu and its derivative against torch's
+    from tiny to overflowing inputs and NaN. One expert: gate = x, up = 1, the output's first
+    column = silu(x), dx's first column = silu'(x). (Not +-inf: the product makes up = inf * 0.)"""
+    ext = cpu_kernel.load()
+    x = torch.cat([torch.linspace(-120, 120, 2001), torch.tensor([-1e30, -89.0, -87.5, -1e-30, 0.0, 1e-30, 87.5, 89.0,
+                                                                   1e30, float("nan")])])
+    T = x.shape[0]
+    inp = torch.stack([x, torch.ones(T)], 1)
+    w_in = torch.eye(2)[None]  # (1, d=2, 2H=2): gate = column 0, up = column 1
+    w_down = torch.tensor([[[1.0, 0.0]]])  # (1, H=1, d=2)
+    token, weight = torch.arange(T), torch.ones(T)
+    out, *saved = ext.forward(inp, token, weight, w_in, w_down, [T], 0)
+    dx = ext.backward(torch.tensor([[1.0, 0.0]]).expand(T, 2).contiguous(), token, weight, w_in, w_down, [T], 0,
+                      *saved)[0]
+    xr = x.clone().requires_grad_()
+    torch.nn.functional.silu(xr).sum().backward()
+    want = torch.nn.functional.silu(x)
+    torch.testing.assert_close(out[:, 0], want, rtol=2e-6, atol=1e-30, equal_nan=True)
+    torch.testing.assert_close(dx[:, 0], xr.grad, rtol=2e-6, atol=1e-30, equal_nan=True)
 
 def test_where_the_kernel_is_not_built_the_layer_runs_fused_and_right(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "load", lambda: None)

@@ -5,17 +5,19 @@ float32 on a CPU (the source: csrc/experts_cpu.cpp); and the router's top-k on a
     y = KernelExpertsFFN.apply(x, weight_s, w_in, w_down, token_s, sizes, activation)
     # the signature and result of dispatch.ExpertsFFN: x (T, d) -> (T, d)
 
-What it does: the experts are shared out over torch's threads by a counter, and a thread runs its
-expert's part alone: the gather of its rows and the gate/up product; then (after the activation,
-computed over all rows in fixed blocks) the down product and the scaling by the gate weights; the
-backward likewise. The products go to oneDNN's brgemm micro-kernels (`at::native::cpublas::brgemm`,
-the AVX-512 or AVX2 kernels the CPU has). The combine sums each token's rows in their
-expert-sorted order, index_add's arithmetic, parallel over the tokens. Every element is computed
-the same way whatever the thread count, so the result does not depend on it. Why: the Python fused
-path issues ~7 small operations per block of experts and direction, each a fork-join over every
-thread, and its small products run through MKL at AVX2 width on an AMD CPU; at the demo's shape
-(4,096 tokens, 32 SwiGLU experts of width 64, top-4) one layer's dispatch, forward and backward,
-went from 13-18 ms to ~6 ms (docs/PERFORMANCE.md, "The experts in one C++ call").
+What it does: the experts are shared out over torch's threads by a counter, and a thread runs all
+of its expert's work alone while the expert's rows sit in its cache: the gather of its rows, the
+gate/up product, the activation and the down product (the backward likewise); then the combine
+sums each token's rows, scaled by their gate weights, in their expert-sorted order, parallel over
+the tokens. The products go to oneDNN's brgemm micro-kernels (`at::native::cpublas::brgemm`, the
+AVX-512 or AVX2 kernels the CPU has); the element-wise work (SwiGLU, ReLU, the gate weights' dot
+products, the combine) is C++ compiled for AVX-512, AVX2 + FMA and the base ISA, the CPU's best
+taken at load (GELU is ATen's). Every row is computed the same way wherever it falls, so the result
+does not depend on the thread count. Why: the Python fused path issues ~7 small operations per
+block of experts and direction, each a fork-join over every thread, and its small products run
+through MKL at AVX2 width on an AMD CPU; at the demo's shape (4,096 tokens, 32 SwiGLU experts of
+width 64, top-4) one layer's dispatch, forward and backward, went from 13-18 ms to ~5.5 ms
+(docs/PERFORMANCE.md, "The experts in one C++ call").
 
 Where: `dispatch.choose_path` takes it on an x86 CPU with AVX2 or AVX-512 for experts below
 dispatch.THREADS_MIN_MACS multiply-adds a product (big experts keep the fused path's expert threads
@@ -55,7 +57,7 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("experts_cpu.cpp",
 NAME = "moe_lm_experts_cpu"
 ACTIVATIONS = {"swiglu": 0, "relu": 1, "gelu": 2}
 # NOTE: -fopenmp: at::parallel_for is a header template; without it the experts run serially
-CFLAGS = ["-O3", "-fopenmp"]
+CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 LOCK_WAIT_S = 600  # how long a process waits for another one's build before it takes the fused path
 
 _why_not: list[str] = []  # why load() returned None, once it has

@@ -2,24 +2,27 @@
 // float32 on a CPU, one C++ call per direction and layer.
 //
 // Rows arrive sorted by expert (sizes[e] each). The experts are shared out over torch's threads by
-// a counter: a thread takes the next expert and runs its part of the work alone (its gather and
-// gate/up product; later its down product and scaling; the backward likewise), so a direction is
-// four fork-joins (two expert phases, the activation, the combine), not one per small operation
-// per expert, and a thread that another program holds back just does fewer experts. Between the
-// two expert phases the activation (or its backward) runs in ATen's vectorised kernels over fixed
-// blocks of rows. The products go to oneDNN's
-// brgemm micro-kernels (at::native::cpublas::brgemm: the AVX-512 or AVX2 kernels this CPU has) in
-// blocks of MB rows, so whatever the routing, a layer uses a handful of kernel shapes (each new
-// shape is a ~40 us just-in-time build). Weight gradients sum KB rows per call, the rows of A^T
-// turned into a (P x KB) buffer (zero-padded in the last block) for the same reason. The combine
-// sums each token's rows in their expert-sorted order (index_add's arithmetic, parallel over the
-// tokens): the result does not depend on the number of threads.
+// a counter: a thread takes the next expert and runs all of its work alone, while its rows sit in
+// the cache (forward: the gather, the gate/up product, the activation, the down product; backward:
+// dL/d weight, d w_down, dL/d act, the activation's backward, d w_in and its rows of dL/dx), so a
+// direction is two fork-joins (the experts, then the combine), not one per small operation per
+// expert, and a thread that another program holds back just does fewer experts. The products go
+// to oneDNN's brgemm micro-kernels (at::native::cpublas::brgemm: the AVX-512 or AVX2 kernels this
+// CPU has) in blocks of MB rows, so whatever the routing, a layer uses a handful of kernel shapes
+// (each new shape is a ~40 us just-in-time build). Weight gradients sum KB rows per call, the rows
+// of A^T turned into a (P x KB) buffer (zero-padded in the last block) for the same reason. The
+// element-wise work (SwiGLU and ReLU and their backwards, the gate weights' dot products, the
+// combine) is compiled three times, for AVX-512, AVX2 + FMA and the base ISA, and the CPU's best is
+// taken at load; it works row by row, each row the same way wherever it is, and the combine sums
+// each token's rows in their expert-sorted order (parallel over the tokens): the result does not
+// depend on the number of threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -32,6 +35,160 @@ constexpr int64_t MB = 32;  // rows per product call
 constexpr int64_t KB = 64;  // rows summed per weight-gradient call
 
 enum Act : int64_t { SWIGLU = 0, RELU = 1, GELU = 2 };
+
+// ---- element-wise row work, compiled once per instruction set (the ROW_OPS variants below) -------
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+// exp(x) by Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, times
+// 2^n built in the exponent bits (relative error ~1e-7); +inf above 88 and 0 below -87 (where
+// float32's exp overflows, and leaves the normal numbers), NaN for NaN. Selects, no branches, so
+// the compiler vectorises the loops that call it (with -fno-trapping-math).
+ALWAYS_INLINE float exp_poly(float x) {
+  const bool over = x > 88.f, under = x < -87.f;
+  x = over ? 88.f : x;
+  x = under ? -87.f : x;
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, in its low bits
+  const float t = x * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // Cephes' ln2 split in two
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  uint32_t tb;
+  std::memcpy(&tb, &t, 4);
+  const uint32_t sb = (tb - 0x4B400000u + 127u) << 23;  // 2^n
+  float s;
+  std::memcpy(&s, &sb, 4);
+  const float e = p * s;
+  return over ? __builtin_inff() : (under ? 0.f : e);
+}
+
+// SwiGLU on n rows of h = [gate | up] (n x 2H): sg = silu(gate) = gate / (1 + exp(-gate)),
+// a = sg * up (n x H each)
+ALWAYS_INLINE void swiglu_body(int64_t n, int64_t H, const float* h, float* a, float* sg) {
+  for (int64_t i = 0; i < n; i++) {
+    const float *gate = h + i * 2 * H, *up = gate + H;
+    float *ai = a + i * H, *si = sg + i * H;
+    for (int64_t j = 0; j < H; j++) {
+      const float x = gate[j], s = x / (1.f + exp_poly(-x));
+      si[j] = s;
+      ai[j] = s * up[j];
+    }
+  }
+}
+
+// its backward: dh = [d gate | d up] (n x 2H) from da (n x H): d up = da * silu(gate),
+// d gate = da * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate) (ATen's silu_backward)
+ALWAYS_INLINE void swiglu_backward_body(int64_t n, int64_t H, const float* h, const float* sg, const float* da,
+                                        float* dh) {
+  for (int64_t i = 0; i < n; i++) {
+    const float *gate = h + i * 2 * H, *up = gate + H, *si = sg + i * H, *dai = da + i * H;
+    float *dgate = dh + i * 2 * H, *dup = dgate + H;
+    for (int64_t j = 0; j < H; j++) {
+      const float x = gate[j], s = 1.f / (1.f + exp_poly(-x));
+      dup[j] = dai[j] * si[j];
+      dgate[j] = dai[j] * up[j] * (s * (1.f + x * (1.f - s)));
+    }
+  }
+}
+
+// ReLU on m elements (NaN stays NaN, as clamp_min), and its backward (threshold_backward: 0 where h <= 0)
+ALWAYS_INLINE void relu_body(int64_t m, const float* h, float* a) {
+  for (int64_t j = 0; j < m; j++) a[j] = h[j] < 0.f ? 0.f : h[j];
+}
+ALWAYS_INLINE void relu_backward_body(int64_t m, const float* h, const float* da, float* dh) {
+  for (int64_t j = 0; j < m; j++) dh[j] = h[j] <= 0.f ? 0.f : da[j];
+}
+
+// for n rows of one expert: gb[i] = w[i] g[tok[i]] (dL/dy) and dw[i] = <g[tok[i]], y[i]> (dL/d weight),
+// the dot product summed in 16 lanes, then the lanes in a fixed order
+ALWAYS_INLINE void grad_rows_body(int64_t n, int64_t d, const int64_t* tok, const float* g, const float* y,
+                                  const float* w, float* gb, float* dw) {
+  for (int64_t i = 0; i < n; i++) {
+    const float *gi = g + tok[i] * d, *yi = y + i * d;
+    float* gbi = gb + i * d;
+    float acc[16] = {0.f};
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16)
+      for (int l = 0; l < 16; l++) acc[l] += gi[j + l] * yi[j + l];
+    for (; j < d; j++) acc[j % 16] += gi[j] * yi[j];
+    for (int l = 8; l > 0; l /= 2)
+      for (int q = 0; q < l; q++) acc[q] += acc[q + l];
+    dw[i] = acc[0];
+    for (j = 0; j < d; j++) gbi[j] = gi[j] * w[i];
+  }
+}
+
+// out[t] = sum over q in [first[t], first[t + 1]) of scale(order[q]) rows[order[q]], for t in [t0, t1),
+// in increasing q; scale = w[i] (or 1 where w is null)
+ALWAYS_INLINE void combine_body(int64_t t0, int64_t t1, int64_t d, const int64_t* first, const int64_t* order,
+                                const float* rows, const float* w, float* out) {
+  for (int64_t t = t0; t < t1; t++) {
+    float* ot = out + t * d;
+    for (int64_t j = 0; j < d; j++) ot[j] = 0.f;
+    for (int64_t q = first[t]; q < first[t + 1]; q++) {
+      const float* ri = rows + order[q] * d;
+      const float s = w ? w[order[q]] : 1.f;
+      for (int64_t j = 0; j < d; j++) ot[j] += ri[j] * s;
+    }
+  }
+}
+
+struct RowOps {
+  void (*swiglu)(int64_t, int64_t, const float*, float*, float*);
+  void (*swiglu_backward)(int64_t, int64_t, const float*, const float*, const float*, float*);
+  void (*relu)(int64_t, const float*, float*);
+  void (*relu_backward)(int64_t, const float*, const float*, float*);
+  void (*grad_rows)(int64_t, int64_t, const int64_t*, const float*, const float*, const float*, float*, float*);
+  void (*combine)(int64_t, int64_t, int64_t, const int64_t*, const int64_t*, const float*, const float*, float*);
+};
+
+#define ROW_OPS(NS, TARGET)                                                                                 \
+  namespace NS {                                                                                            \
+  TARGET void swiglu(int64_t n, int64_t H, const float* h, float* a, float* sg) { swiglu_body(n, H, h, a, sg); } \
+  TARGET void swiglu_backward(int64_t n, int64_t H, const float* h, const float* sg, const float* da, float* dh) { \
+    swiglu_backward_body(n, H, h, sg, da, dh);                                                              \
+  }                                                                                                         \
+  TARGET void relu(int64_t m, const float* h, float* a) { relu_body(m, h, a); }                              \
+  TARGET void relu_backward(int64_t m, const float* h, const float* da, float* dh) { relu_backward_body(m, h, da, dh); } \
+  TARGET void grad_rows(int64_t n, int64_t d, const int64_t* tok, const float* g, const float* y, const float* w, \
+                        float* gb, float* dw) {                                                             \
+    grad_rows_body(n, d, tok, g, y, w, gb, dw);                                                             \
+  }                                                                                                         \
+  TARGET void combine(int64_t t0, int64_t t1, int64_t d, const int64_t* first, const int64_t* order,        \
+                      const float* rows, const float* w, float* out) {                                      \
+    combine_body(t0, t1, d, first, order, rows, w, out);                                                    \
+  }                                                                                                         \
+  const RowOps ops{swiglu, swiglu_backward, relu, relu_backward, grad_rows, combine};                       \
+  }
+
+ROW_OPS(base_isa, )
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define HAVE_X86_VARIANTS 1
+ROW_OPS(avx2_isa, __attribute__((target("avx2,fma"))))
+ROW_OPS(avx512_isa, __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))))
+#endif
+
+// the variant for this CPU, picked once
+const RowOps& row_ops() {
+  static const RowOps* ops = [] {
+#ifdef HAVE_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return &avx512_isa::ops;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2_isa::ops;
+#endif
+    return &base_isa::ops;
+  }();
+  return *ops;
+}
+
+// ---- products -------------------------------------------------------------------------------------
 
 // C (M x N) = A (M x K) @ B (K x N), row-major with leading dimensions lda, ldb, ldc
 void mm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -79,31 +236,22 @@ void each_expert(int64_t E, const F& f) {
   });
 }
 
-// out (T, d): out[t] = the sum of rows[i] over the i with token[i] = t, in increasing i, from 0:
-// index_add's arithmetic (the same bits), parallel over the tokens instead of serial over the rows
-Tensor combine(const Tensor& rows, const Tensor& token_s, int64_t T) {
+// out (T, d): out[t] = the sum of w[i] rows[i] (w null: rows[i]) over the i with token[i] = t, in
+// increasing i, from 0 (index_add's order), parallel over the tokens
+Tensor combine(const Tensor& rows, const float* w, const Tensor& token_s, int64_t T) {
   const int64_t A = token_s.size(0), d = rows.size(1);
   const int64_t* tok = token_s.data_ptr<int64_t>();
   std::vector<int64_t> first(T + 1, 0), order(A);
-  for (int64_t i = 0; i < A; i++) {
-    TORCH_CHECK(tok[i] >= 0 && tok[i] < T, "token index out of range");
-    first[tok[i] + 1]++;
-  }
+  for (int64_t i = 0; i < A; i++) first[tok[i] + 1]++;  // tokens checked in range by check_inputs
   for (int64_t t = 0; t < T; t++) first[t + 1] += first[t];
   std::vector<int64_t> fill(first.begin(), first.end() - 1);
   for (int64_t i = 0; i < A; i++) order[fill[tok[i]]++] = i;  // each token's rows, in increasing i
   Tensor out = at::empty({T, d}, rows.options());
   const float* r = rows.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  const RowOps& ops = row_ops();
   at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; t++) {
-      float* ot = o + t * d;
-      for (int64_t j = 0; j < d; j++) ot[j] = 0.f;
-      for (int64_t q = first[t]; q < first[t + 1]; q++) {
-        const float* ri = r + order[q] * d;
-        for (int64_t j = 0; j < d; j++) ot[j] += ri[j];
-      }
-    }
+    ops.combine(t0, t1, d, first.data(), order.data(), r, w, o);
   });
   return out;
 }
@@ -114,56 +262,38 @@ std::vector<int64_t> starts(const std::vector<int64_t>& sizes) {
   return s;
 }
 
-
-constexpr int64_t RB = 1024;  // rows per block of the activation
-
-// f(first row, rows) for fixed blocks of RB rows, shared out over the threads. ATen's elementwise
-// kernels run single-threaded inside (a parallel region), each on whole rows starting at the same
-// place whatever the thread count: left to split one call over the threads, ATen cut rows at
-// places that depend on the thread count, and the elements there took its scalar tail instead of
-// its vector loop (other bits).
-template <typename F>
-void each_row_block(int64_t A, const F& f) {
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, (A + RB - 1) / RB, 1, [&](int64_t b0, int64_t b1) {
-    c10::InferenceMode inference_mode(inference);
-    at::NoGradGuard no_grad;
-    for (int64_t b = b0; b < b1; b++) f(b * RB, std::min(RB, A - b * RB));
-  });
+// a = activation(h) on rows [s, s + n) (one expert's); SwiGLU also keeps silu(gate) in sg for the
+// backward. GELU is ATen's, on this thread (inside the parallel region ATen does not split it).
+void activate_rows(int64_t s, int64_t n, const Tensor& h, const Tensor& a, const Tensor& sg, int64_t act,
+                   int64_t H) {
+  if (n == 0) return;
+  const RowOps& ops = row_ops();
+  if (act == SWIGLU)
+    ops.swiglu(n, H, h.data_ptr<float>() + s * 2 * H, a.data_ptr<float>() + s * H, sg.data_ptr<float>() + s * H);
+  else if (act == RELU)
+    ops.relu(n * H, h.data_ptr<float>() + s * H, a.data_ptr<float>() + s * H);
+  else
+  {
+    Tensor out = a.narrow(0, s, n);
+    at::gelu_out(out, h.narrow(0, s, n));
+  }
 }
 
-// act = activation(h); SwiGLU also keeps silu(gate) in sg for the backward
-void activate(const Tensor& h, const Tensor& a, const Tensor& sg, int64_t act, int64_t H) {
-  each_row_block(h.size(0), [&](int64_t r, int64_t n) {
-    Tensor hb = h.narrow(0, r, n), ab = a.narrow(0, r, n);
-    if (act == SWIGLU) {
-      Tensor sgb = sg.narrow(0, r, n);
-      at::silu_out(sgb, hb.narrow(1, 0, H));
-      at::mul_out(ab, sgb, hb.narrow(1, H, H));
-    } else if (act == RELU) {
-      at::clamp_min_out(ab, hb, 0);
-    } else {
-      at::gelu_out(ab, hb);
-    }
-  });
-}
-
-// dh = dL/dh from da = dL/d act (da is overwritten)
-void activate_backward(const Tensor& h, const Tensor& sg, const Tensor& da, const Tensor& dh, int64_t act,
-                       int64_t H) {
-  each_row_block(h.size(0), [&](int64_t r, int64_t n) {
-    Tensor hb = h.narrow(0, r, n), dab = da.narrow(0, r, n), dhb = dh.narrow(0, r, n);
-    if (act == SWIGLU) {
-      Tensor gate = hb.narrow(1, 0, H), up = hb.narrow(1, H, H);
-      Tensor d_up = dhb.narrow(1, H, H), d_gate = dhb.narrow(1, 0, H);
-      at::mul_out(d_up, dab, sg.narrow(0, r, n));
-      at::silu_backward_out(d_gate, dab.mul_(up), gate);
-    } else if (act == RELU) {
-      at::threshold_backward_out(dhb, dab, hb, 0);
-    } else {
-      at::gelu_backward_out(dhb, dab, hb);
-    }
-  });
+// dh = dL/dh from da = dL/d act, on rows [s, s + n)
+void activate_backward_rows(int64_t s, int64_t n, const Tensor& h, const Tensor& sg, const Tensor& da,
+                            const Tensor& dh, int64_t act, int64_t H) {
+  if (n == 0) return;
+  const RowOps& ops = row_ops();
+  if (act == SWIGLU)
+    ops.swiglu_backward(n, H, h.data_ptr<float>() + s * 2 * H, sg.data_ptr<float>() + s * H,
+                        da.data_ptr<float>() + s * H, dh.data_ptr<float>() + s * 2 * H);
+  else if (act == RELU)
+    ops.relu_backward(n * H, h.data_ptr<float>() + s * H, da.data_ptr<float>() + s * H, dh.data_ptr<float>() + s * H);
+  else
+  {
+    Tensor out = dh.narrow(0, s, n);
+    at::gelu_backward_out(out, da.narrow(0, s, n), h.narrow(0, s, n));
+  }
 }
 
 // the shapes, dtypes and layouts both directions rely on, and every row's token in [0, T)
@@ -195,8 +325,8 @@ void check_inputs(int64_t T, int64_t d, const Tensor& token_s, const Tensor& wei
 // x (T, d); token_s (A,) int64 and weight_s (A,) sorted by expert; w_in (E, d, W); w_down (E, H, d);
 // all float32 and contiguous. -> out (T, d), then what the backward needs: x's rows (A, d),
 // h (A, W), act (A, H), y (A, d) (unscaled), silu(gate) (A, H) (SwiGLU; else empty).
-// Per expert: gather and gate/up product; the activation over all rows; per expert: the down
-// product and the scaling; the combine.
+// Per expert: the gather, the gate/up product, the activation, the down product; then the combine
+// (the scaling by the gate weights in it).
 std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
                             std::vector<int64_t> sizes, int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (T, d): contiguous float32");
@@ -205,31 +335,23 @@ std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_
   const auto start = starts(sizes);
   const auto opt = x.options();
   Tensor xs = at::empty({A, d}, opt), h = at::empty({A, W}, opt), a = at::empty({A, H}, opt),
-         y = at::empty({A, d}, opt), scaled = at::empty({A, d}, opt),
-         sg = at::empty({act == SWIGLU ? A : 0, H}, opt);
-  const float *xp = x.data_ptr<float>(), *win = w_in.data_ptr<float>(), *wd = w_down.data_ptr<float>(),
-              *wt = weight_s.data_ptr<float>();
+         y = at::empty({A, d}, opt), sg = at::empty({act == SWIGLU ? A : 0, H}, opt);
+  const float *xp = x.data_ptr<float>(), *win = w_in.data_ptr<float>(), *wd = w_down.data_ptr<float>();
   const int64_t* tok = token_s.data_ptr<int64_t>();
-  float *xsp = xs.data_ptr<float>(), *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>(),
-        *yp = y.data_ptr<float>(), *sp = scaled.data_ptr<float>();
+  float *xsp = xs.data_ptr<float>(), *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>(), *yp = y.data_ptr<float>();
   each_expert(E, [&](int64_t e) {
     const int64_t s = start[e], n = sizes[e];
     for (int64_t i = s; i < s + n; i++) std::memcpy(xsp + i * d, xp + tok[i] * d, sizeof(float) * d);
     mm_rows(n, W, d, xsp + s * d, d, win + e * d * W, W, hp + s * W, W);
-  });
-  activate(h, a, sg, act, H);
-  each_expert(E, [&](int64_t e) {
-    const int64_t s = start[e], n = sizes[e];
+    activate_rows(s, n, h, a, sg, act, H);
     mm_rows(n, d, H, ap + s * H, H, wd + e * H * d, d, yp + s * d, d);
-    for (int64_t i = s; i < s + n; i++)
-      for (int64_t j = 0; j < d; j++) sp[i * d + j] = yp[i * d + j] * wt[i];
   });
-  return {combine(scaled, token_s, x.size(0)), xs, h, a, y, sg};
+  return {combine(y, weight_s.data_ptr<float>(), token_s, x.size(0)), xs, h, a, y, sg};
 }
 
 // g (T, d): dL/d out. -> dx (T, d), d weight_s (A,), d w_in (E, d, W), d w_down (E, H, d)
-// Per expert: dL/d weight, dL/dy, d w_down and dL/d act; the activation's backward over all rows;
-// per expert: d w_in and the rows of dL/dx; the combine.
+// Per expert: dL/d weight and dL/dy, d w_down, dL/d act, the activation's backward, d w_in and the
+// rows of dL/dx; then the combine.
 std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
                              std::vector<int64_t> sizes, int64_t act, Tensor xs, Tensor h, Tensor a, Tensor y,
                              Tensor sg) {
@@ -251,30 +373,19 @@ std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w
   float *dwp = dw.data_ptr<float>(), *dwinp = dwin.data_ptr<float>(), *dwdp = dwd.data_ptr<float>(),
         *dxp = dxs.data_ptr<float>(), *gbp = gbs.data_ptr<float>(), *dap = das.data_ptr<float>(),
         *dhp = dhs.data_ptr<float>();
+  const RowOps& ops = row_ops();
   each_expert(E, [&](int64_t e) {
     const int64_t s = start[e], n = sizes[e];
     std::vector<float> at_buf, bt_buf;
-    float* gb = gbp + s * d;  // this expert's rows of g; then dL/dy = weight * g
-    for (int64_t i = 0; i < n; i++) {
-      const float *gi = gp + tok[s + i] * d, *yi = yp + (s + i) * d;
-      float dot = 0.f;
-      for (int64_t j = 0; j < d; j++) {
-        dot += gi[j] * yi[j];
-        gb[i * d + j] = gi[j] * wt[s + i];
-      }
-      dwp[s + i] = dot;  // dL/d weight = <g, y>
-    }
+    float* gb = gbp + s * d;  // dL/dy = weight * g, this expert's rows
+    ops.grad_rows(n, d, tok + s, gp, yp + s * d, wt + s, gb, dwp + s);     // and dL/d weight = <g, y>
     weight_grad(n, H, d, ap + s * H, gb, dwdp + e * H * d, at_buf, bt_buf);  // act^T dL/dy
     mm_rows(n, H, d, gb, d, wdt + e * d * H, H, dap + s * H, H);          // dL/d act = dL/dy w_down[e]^T
-  });
-  activate_backward(h, sg, das, dhs, act, H);
-  each_expert(E, [&](int64_t e) {
-    const int64_t s = start[e], n = sizes[e];
-    std::vector<float> at_buf, bt_buf;
+    activate_backward_rows(s, n, h, sg, das, dhs, act, H);
     weight_grad(n, d, W, xsp + s * d, dhp + s * W, dwinp + e * d * W, at_buf, bt_buf);  // x^T dL/dh
     mm_rows(n, d, W, dhp + s * W, W, wint + e * W * d, d, dxp + s * d, d);           // dL/dh w_in[e]^T
   });
-  return {combine(dxs, token_s, g.size(0)), dw, dwin, dwd};
+  return {combine(dxs, nullptr, token_s, g.size(0)), dw, dwin, dwd};
 }
 
 std::tuple<Tensor, bool> topk_unique(Tensor scores, int64_t k);  // router_cpu.cpp
