@@ -234,3 +234,60 @@ def test_the_kernels_top_k_is_torchs_where_no_row_ties_and_none_where_one_does()
     t[3, 30] = t[3].min() - 1  # a low score equal to nothing above: still unique
     assert cpu_kernel.topk_indices(t, 4) is not None
     assert cpu_kernel.topk_indices(s.double(), 4) is None and cpu_kernel.topk_indices(s, 33) is None
+
+
+def _route(router, x, kernel: bool, monkeypatch):
+    """router(x) by the kernel's softmax top-k or by the Python lines; -> the Routing, the loss's
+    gradients (x, router weight) for a loss through the weights, the Switch f·P loss (probs) and
+    the z-loss (lse)."""
+    from moe_lm.model import losses
+
+    with monkeypatch.context() as m:
+        if not kernel:
+            m.setattr(cpu_kernel, "softmax_topk", lambda *a: None)
+        x = x.clone().requires_grad_()
+        router.zero_grad()
+        r = router(x)
+    g = torch.Generator().manual_seed(1)
+    loss = ((r.weight * torch.randn(r.weight.shape, generator=g)).sum()
+            + losses.balance_loss("switch", r, router.weight.shape[0]) + 0.1 * losses.z_loss(r.logits, r.lse))
+    loss.backward()
+    return r, x.grad, router.weight.grad.clone()
+
+
+@needs_compiler
+@pytest.mark.parametrize("name,k", [("softmax_topk", 4), ("softmax_topk", 1), ("switch", 1)])
+def test_the_kernels_softmax_top_k_routes_as_the_python_lines(name, k, monkeypatch):
+    """Same choices, weights, probabilities, logsumexp (torch.logsumexp) and entropy (the
+    formula), and the same gradients through weights, probabilities and logsumexp."""
+    from moe_lm.config import MoEConfig
+    from moe_lm.model import losses, routing
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_experts=32, top_k=k, router=name, balance_loss="switch", balance_coef=0.01, z_loss_coef=1e-3)
+    router = routing.ROUTERS[name](16, cfg, init_std=0.5)
+    x = torch.randn(300, 16)
+    ours, dx, dW = _route(router, x, True, monkeypatch)
+    ref, dx_ref, dW_ref = _route(router, x, False, monkeypatch)
+    assert ours.lse is not None and ref.lse is None  # the kernel answered, the reference did not use it
+    assert torch.equal(ours.token, ref.token) and torch.equal(ours.expert, ref.expert)
+    for a, b in ((ours.weight, ref.weight), (ours.score, ref.score), (ours.probs, ref.probs),
+                 (ours.lse, torch.logsumexp(ref.logits, -1)), (ours.entropy, losses.entropy(ref.probs)),
+                 (dx, dx_ref), (dW, dW_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_where_router_scores_tie_the_python_lines_decide():
+    """An untrained router (zero weights: every score ties) is left to fair_topk's tie rule."""
+    from moe_lm.config import MoEConfig
+    from moe_lm.model import routing
+
+    cfg = MoEConfig(n_experts=8, top_k=2, router="softmax_topk")
+    router = routing.ROUTERS["softmax_topk"](16, cfg)
+    torch.nn.init.zeros_(router.weight)
+    x = torch.randn(64, 16)
+    assert cpu_kernel.softmax_topk(routing._router_linear(x, router.weight), 2, True) is None
+    r = router(x, torch.arange(64))
+    assert r.lse is None
+    assert torch.equal(r.expert.view(64, 2)[:, 0], torch.arange(64) % 8)  # expert pos mod E first

@@ -315,6 +315,44 @@ def topk_indices(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     return idx if unique else None
 
 
+def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> Optional[tuple]:
+    """Softmax top-k routing by the kernel (csrc/router_cpu.cpp) on float32 router logits (T, E):
+    (probs (T, E), top_idx (T, k), top_p (T, k), weight (T, k), lse (T,), entropy (T,)), where
+    probs = softmax(logits), top_idx/top_p its k largest (torch.topk's: no row may tie, as
+    topk_indices), weight = top_p, divided by its row sums when renorm, lse = logsumexp(logits),
+    entropy = -sum p log p (detached). probs, weight and lse are differentiable, their backward one
+    C++ pass (SoftmaxTopKFn). None where the kernel cannot take the logits (applies) or a row ties:
+    the caller's Python path decides then. What SoftmaxTopK and Switch compute in ~15 small ops a
+    direction."""
+    if logits.dim() != 2 or not 1 <= k <= logits.shape[1] or not applies(logits):
+        return None
+    out = SoftmaxTopKFn.apply(logits.contiguous(), k, renorm)
+    return out[:-1] if out[-1] else None
+
+
+class SoftmaxTopKFn(torch.autograd.Function):
+    """logits -> (probs, top_idx, top_p, weight, lse, entropy, unique) by the kernel; see softmax_topk."""
+
+    @staticmethod
+    def forward(ctx, logits, k, renorm):
+        probs = logits.softmax(dim=-1)
+        idx, top_p, weight, lse, ent, unique = load().softmax_topk_forward(logits, probs, k, renorm)
+        ctx.renorm = renorm
+        ctx.save_for_backward(probs, idx, top_p, weight)
+        ctx.mark_non_differentiable(idx, top_p, ent)
+        ctx.set_materialize_grads(False)
+        return probs, idx, top_p, weight, lse, ent, unique
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dprobs, _didx, _dtop_p, dweight, dlse, _dent, _dunique):
+        probs, idx, top_p, weight = ctx.saved_tensors
+        if dprobs is None and dweight is None and dlse is None:
+            return None, None, None
+        dl = load().softmax_topk_backward(probs, idx, top_p, weight, ctx.renorm, dweight, dprobs, dlse)
+        return dl, None, None
+
+
 class KernelExpertsFFN(torch.autograd.Function):
     """dispatch.ExpertsFFN's function (same inputs: token_s, weight_s sorted by expert, sizes the
     E row counts), run by the kernel. Saves the experts' rows of x, h, the activation, the

@@ -26,6 +26,7 @@ are ALWAYS the whole optimizer step's batch (one rule for torchrun ranks and for
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -110,9 +111,12 @@ def switch_loss(r: Routing, n_experts: int, batch_sum=None, rest=None) -> torch.
     return balance_loss("switch", r, n_experts, batch_sum, rest)
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+def z_loss(logits: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²; `lse` (T,), where the router
+    computed logsumexp(logits) already (Routing.lse)."""
+    if lse is None:
+        lse = torch.logsumexp(logits.float(), dim=-1)
+    return lse.pow(2).mean()
 
 
 def balance_loss(name: str, r: Routing, n_experts: int, batch_sum=None, rest=None) -> torch.Tensor:

@@ -252,7 +252,7 @@ class MoELayer(nn.Module):
             else:
                 # NOTE: torch.full fills on the device; torch.tensor(v, device=...) would copy from the host and wait
                 dropped = torch.full((), 1.0 - kept_expert.numel() / max(n_assigned, 1), device=load.device)
-            ent = losses.entropy(r.probs)
+            ent = r.entropy if r.entropy is not None else losses.entropy(r.probs)
         zero = r.logits.new_zeros(())
         if self.measure_balance and self.has_balance_loss:  # the pre-pass: statistics, no loss
             st = losses.balance_stats(cfg.balance_loss, r, E).detach()
@@ -260,5 +260,5 @@ class MoELayer(nn.Module):
         bal = (cfg.balance_coef * losses.balance_loss(cfg.balance_loss, r, E, self.sum_over_ranks,
                                                       self.balance_rest)
                if self.has_balance_loss else zero)
-        z = cfg.z_loss_coef * losses.z_loss(r.logits) if cfg.z_loss_coef > 0 else zero
+        z = cfg.z_loss_coef * losses.z_loss(r.logits, r.lse) if cfg.z_loss_coef > 0 else zero
         return MoEStats(load, imp, dropped, ent, bal, z)

@@ -54,6 +54,8 @@ class Routing:
     top_k: int  # assignments per token for token-choice routers; 0 for expert choice
     noisy_logits: Optional[torch.Tensor] = None
     noise_std: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
 
 
 def count_per_expert(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -117,6 +119,23 @@ def _token_major(top_idx: torch.Tensor, top_w: torch.Tensor, probs_at: torch.Ten
     return token, top_idx.reshape(-1), top_w.reshape(-1), probs_at.reshape(-1).detach()
 
 
+def _softmax_topk(logits: torch.Tensor, k: int, renorm: bool, pos: Optional[torch.Tensor]) -> Routing:
+    """p = softmax(logits (T, E)); the top k of p (fair_topk); weights = those p, divided by their
+    sum when renorm. On a CPU the kernel does all of it after the product in one pass per row
+    (cpu_kernel.softmax_topk: the same function, and logsumexp and entropy on the way) where no
+    row ties; otherwise these lines."""
+    fused = cpu_kernel.softmax_topk(logits, k, renorm) if logits.device.type == "cpu" else None
+    if fused is not None:
+        probs, top_idx, top_p, weight, lse, ent = fused
+        token, expert, weight, score = _token_major(top_idx, weight, top_p)
+        return Routing(token, expert, weight, score, logits, probs, k, lse=lse, entropy=ent.mean())
+    probs = logits.softmax(dim=-1)
+    top_p, top_idx = fair_topk(probs, k, pos)  # (T, k)
+    weight = top_p / top_p.sum(dim=-1, keepdim=True) if renorm else top_p
+    token, expert, weight, score = _token_major(top_idx, weight, top_p)
+    return Routing(token, expert, weight, score, logits, probs, k)
+
+
 class SoftmaxTopK(nn.Module):
     """GShard / Mixtral: p = softmax(x W^T) over all E experts, keep the top k, renormalise the kept
     k to sum to 1 (transformers' MixtralTopKRouter, `norm_topk_prob=True`).
@@ -134,11 +153,7 @@ class SoftmaxTopK(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> Routing:
         logits = _router_linear(x, self.weight)  # (T, E)
-        probs = logits.softmax(dim=-1)
-        top_p, top_idx = fair_topk(probs, self.top_k, pos)  # (T, k)
-        weight = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
-        token, expert, weight, score = _token_major(top_idx, weight, top_p)
-        return Routing(token, expert, weight, score, logits, probs, self.top_k)
+        return _softmax_topk(logits, self.top_k, self.top_k > 1, pos)
 
 
 class Switch(nn.Module):
@@ -153,10 +168,7 @@ class Switch(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> Routing:
         logits = _router_linear(x, self.weight)
-        probs = logits.softmax(dim=-1)
-        top_p, top_idx = fair_topk(probs, 1, pos)  # (T, 1)
-        token, expert, weight, score = _token_major(top_idx, top_p, top_p)
-        return Routing(token, expert, weight, score, logits, probs, 1)
+        return _softmax_topk(logits, 1, False, pos)
 
 
 class NoisyTopK(nn.Module):

@@ -388,10 +388,18 @@ std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w
   return {combine(dxs, nullptr, token_s, g.size(0)), dw, dwin, dwd};
 }
 
-std::tuple<Tensor, bool> topk_unique(Tensor scores, int64_t k);  // router_cpu.cpp
+// router_cpu.cpp
+std::tuple<Tensor, bool> topk_unique(Tensor scores, int64_t k);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, bool> softmax_topk_forward(Tensor logits, Tensor probs, int64_t k,
+                                                                             bool renorm);
+Tensor softmax_topk_backward(Tensor probs, Tensor idx, Tensor top_p, Tensor weight, bool renorm,
+                             std::optional<Tensor> dweight_, std::optional<Tensor> dprobs_,
+                             std::optional<Tensor> dlse_);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_unique", &topk_unique, "the router's top-k where no row ties (router_cpu.cpp)");
+  m.def("softmax_topk_forward", &softmax_topk_forward, "softmax top-k routing after the softmax (router_cpu.cpp)");
+  m.def("softmax_topk_backward", &softmax_topk_backward, "its backward (router_cpu.cpp)");
   m.def("forward", &forward, "the experts' forward (see the file's head)");
   m.def("backward", &backward, "the experts' backward");
 }
