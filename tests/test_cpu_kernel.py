@@ -41,6 +41,31 @@ def test_the_rule_takes_the_kernel_for_small_float32_experts_and_it_is_the_refer
 
 
 @needs_compiler
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_every_instruction_set_variant_this_cpu_runs_is_the_reference(activation):
+    """The element-wise work and the weight gradients are compiled for AVX-512, AVX2 + FMA and the
+    base ISA; the CPU's best runs, the others only on other CPUs: each is tried here. Shapes that
+    fit the weight-gradient tiles (d 64, h 64) and shapes that do not (d 16, h 12: brgemm)."""
+    ext = cpu_kernel.load()
+    names = ext.variants("")
+    assert names[-1] == "base"
+    try:
+        for name in names:
+            ext.variants(name)
+            for d, h in ((64, 64), (16, 12)):
+                layer = make_layer(activation, E=8, k=2, d=d, h=h)
+                x = torch.randn(200, d)
+                ours = grads_of(lambda x: layer(x)[0], layer, x)
+                assert layer.experts.last_path == "cpu_kernel"
+                ref = grads_of(lambda x: reference_layer(layer, x), layer, x)
+                for what, a, b in zip(GRADS, ours, ref):  # float32 sums of 64 products: tolerance to scale
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()),
+                                               msg=lambda m: f"{name} {d}x{h} {what}: {m}")
+    finally:
+        ext.variants("")
+
+
+@needs_compiler
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_the_result_is_the_same_on_one_thread_and_on_several(activation):
     """Each expert is one thread's work, each row's element-wise work is the same wherever the row

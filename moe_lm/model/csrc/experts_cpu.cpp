@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -139,6 +141,44 @@ ALWAYS_INLINE void combine_body(int64_t t0, int64_t t1, int64_t d, const int64_t
   }
 }
 
+// G (P x Q) = A^T B for A (n x P) and B (n x Q) row-major: a weight gradient, without a transposed
+// copy of A. G is made in tiles of PB rows x NV vectors V (GCC's vector extensions, the variant's
+// register width) held in registers while the n rows stream by: per row, NV vectors of B, each of
+// PB values of A broadcast, PB NV multiply-adds. Each element sums its rows in order. Needs
+// P % PB == 0 and Q % (NV lanes) == 0.
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
+
+template <typename V, int PB, int NV>
+ALWAYS_INLINE void at_b_body(int64_t n, int64_t P, int64_t Q, const float* A, const float* B, float* G) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  for (int64_t p0 = 0; p0 < P; p0 += PB)
+    for (int64_t q0 = 0; q0 < Q; q0 += L * NV) {
+      V acc[PB][NV];
+#pragma GCC unroll 16
+      for (int pp = 0; pp < PB; pp++)
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; v++) acc[pp][v] = V{};
+      for (int64_t i = 0; i < n; i++) {
+        const float *a = A + i * P + p0, *b = B + i * Q + q0;
+        V bv[NV];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; v++) std::memcpy(&bv[v], b + L * v, sizeof(V));
+#pragma GCC unroll 16
+        for (int pp = 0; pp < PB; pp++) {
+          const float ap = a[pp];
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; v++) acc[pp][v] += ap * bv[v];
+        }
+      }
+#pragma GCC unroll 16
+      for (int pp = 0; pp < PB; pp++)
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; v++) std::memcpy(G + (p0 + pp) * Q + q0 + L * v, &acc[pp][v], sizeof(V));
+    }
+}
+
 struct RowOps {
   void (*swiglu)(int64_t, int64_t, const float*, float*, float*);
   void (*swiglu_backward)(int64_t, int64_t, const float*, const float*, const float*, float*);
@@ -146,9 +186,11 @@ struct RowOps {
   void (*relu_backward)(int64_t, const float*, const float*, float*);
   void (*grad_rows)(int64_t, int64_t, const int64_t*, const float*, const float*, const float*, float*, float*);
   void (*combine)(int64_t, int64_t, int64_t, const int64_t*, const int64_t*, const float*, const float*, float*);
+  void (*at_b)(int64_t, int64_t, int64_t, const float*, const float*, float*);
+  int64_t at_b_rows, at_b_cols;  // at_b's P and Q must be multiples of these
 };
 
-#define ROW_OPS(NS, TARGET)                                                                                 \
+#define ROW_OPS(NS, TARGET, V, PB, NV)                                                                         \
   namespace NS {                                                                                            \
   TARGET void swiglu(int64_t n, int64_t H, const float* h, float* a, float* sg) { swiglu_body(n, H, h, a, sg); } \
   TARGET void swiglu_backward(int64_t n, int64_t H, const float* h, const float* sg, const float* da, float* dh) { \
@@ -164,27 +206,43 @@ struct RowOps {
                       const float* rows, const float* w, float* out) {                                      \
     combine_body(t0, t1, d, first, order, rows, w, out);                                                    \
   }                                                                                                         \
-  const RowOps ops{swiglu, swiglu_backward, relu, relu_backward, grad_rows, combine};                       \
+  TARGET void at_b(int64_t n, int64_t P, int64_t Q, const float* A, const float* B, float* G) {             \
+    at_b_body<V, PB, NV>(n, P, Q, A, B, G);                                                                    \
+  }                                                                                                         \
+  const RowOps ops{swiglu, swiglu_backward, relu, relu_backward, grad_rows, combine, at_b, PB,                  \
+                  NV * int64_t(sizeof(V) / sizeof(float))};                                                 \
   }
 
-ROW_OPS(base_isa, )
+// at_b's tiles: AVX-512 4 x 4 zmm accumulators, AVX2 4 x 2 ymm, the base ISA 2 x 2 xmm
+ROW_OPS(base_isa, , vf4, 2, 2)
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define HAVE_X86_VARIANTS 1
-ROW_OPS(avx2_isa, __attribute__((target("avx2,fma"))))
-ROW_OPS(avx512_isa, __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))))
+ROW_OPS(avx2_isa, __attribute__((target("avx2,fma"))), vf8, 4, 2)
+ROW_OPS(avx512_isa, __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))), vf16, 4, 4)
 #endif
 
-// the variant for this CPU, picked once
-const RowOps& row_ops() {
-  static const RowOps* ops = [] {
+// the variants this CPU can run, best first
+std::vector<std::pair<std::string, const RowOps*>> runnable_variants() {
+  std::vector<std::pair<std::string, const RowOps*>> v;
 #ifdef HAVE_X86_VARIANTS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return &avx512_isa::ops;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2_isa::ops;
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f")) v.emplace_back("avx512", &avx512_isa::ops);
+  if (avx2) v.emplace_back("avx2", &avx2_isa::ops);
 #endif
-    return &base_isa::ops;
-  }();
+  v.emplace_back("base", &base_isa::ops);
+  return v;
+}
+
+std::atomic<const RowOps*> chosen_ops{nullptr};
+
+// the variant in use: the CPU's best, unless use_variant chose another
+const RowOps& row_ops() {
+  const RowOps* ops = chosen_ops.load(std::memory_order_relaxed);
+  if (!ops) {
+    ops = runnable_variants().front().second;
+    chosen_ops.store(ops);
+  }
   return *ops;
 }
 
@@ -197,9 +255,15 @@ void mm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
     cb::brgemm(std::min(MB, M - m0), N, K, lda, ldb, ldc, false, A + m0 * lda, B, C + m0 * ldc, false);
 }
 
-// G (P x Q) = A^T B for A (n x P) and B (n x Q) row-major
+// G (P x Q) = A^T B for A (n x P) and B (n x Q) row-major: by the variant's at_b where the shape
+// fits its tiles, else by brgemm on A^T copied in blocks of KB rows
 void weight_grad(int64_t n, int64_t P, int64_t Q, const float* A, const float* B, float* G,
                  std::vector<float>& at, std::vector<float>& bt) {
+  const RowOps& ops = row_ops();
+  if (P % ops.at_b_rows == 0 && Q % ops.at_b_cols == 0) {
+    ops.at_b(n, P, Q, A, B, G);
+    return;
+  }
   if (n == 0) {
     std::memset(G, 0, sizeof(float) * P * Q);
     return;
@@ -388,6 +452,20 @@ std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w
   return {combine(dxs, nullptr, token_s, g.size(0)), dw, dwin, dwd};
 }
 
+// The element-wise variants this CPU runs, best first; with a name, use that one from now on (for
+// tests: each variant against the reference on one machine). "" = the best.
+std::vector<std::string> variants(std::string use) {
+  std::vector<std::string> names;
+  const RowOps* pick = nullptr;
+  for (const auto& [name, ops] : runnable_variants()) {
+    names.push_back(name);
+    if (name == use || (use.empty() && !pick)) pick = ops;
+  }
+  TORCH_CHECK(pick, "no element-wise variant named ", use, " runs on this CPU");
+  chosen_ops.store(pick);
+  return names;
+}
+
 // router_cpu.cpp
 std::tuple<Tensor, bool> topk_unique(Tensor scores, int64_t k);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, bool> softmax_topk_forward(Tensor logits, Tensor probs, int64_t k,
@@ -400,6 +478,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_unique", &topk_unique, "the router's top-k where no row ties (router_cpu.cpp)");
   m.def("softmax_topk_forward", &softmax_topk_forward, "softmax top-k routing after the softmax (router_cpu.cpp)");
   m.def("softmax_topk_backward", &softmax_topk_backward, "its backward (router_cpu.cpp)");
+  m.def("variants", &variants, "the element-wise variants this CPU runs, best first; use one (tests)");
   m.def("forward", &forward, "the experts' forward (see the file's head)");
   m.def("backward", &backward, "the experts' backward");
 }
