@@ -240,6 +240,24 @@ def test_the_first_load_may_come_under_inference_mode(monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("E", [3, 8, 32, 64, 65, 200])
+def test_the_kernels_top_k_is_torchs_for_any_expert_count(E):
+    """By rank up to 64 experts (8, 16, 32, 64 unrolled), by a sorted list above; a tie between the
+    (k+1)-th and (k+2)-th largest does not matter to the top k."""
+    g = torch.Generator().manual_seed(E)
+    s = torch.randn(500, E, generator=g)
+    for k in sorted({1, 2, E // 2, E - 1, E} - {0}):
+        idx = cpu_kernel.topk_indices(s, k)
+        assert idx is not None and torch.equal(idx, s.topk(k, dim=-1).indices), k
+    if E >= 4:
+        order = s[7].argsort(descending=True)
+        t = s.clone()
+        t[7, order[2]] = t[7, order[1]]  # the 2nd and 3rd largest equal: top 1 is still unique
+        assert torch.equal(cpu_kernel.topk_indices(t, 1), t.topk(1, dim=-1).indices)
+        assert cpu_kernel.topk_indices(t, 2) is None and cpu_kernel.topk_indices(t, 3) is None
+
+
+@needs_compiler
 def test_the_kernels_top_k_is_torchs_where_no_row_ties_and_none_where_one_does():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(1000, 32, generator=g).softmax(-1)
