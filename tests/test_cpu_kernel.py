@@ -102,8 +102,8 @@ def test_its_swiglu_is_torchs_silu_over_the_whole_float_range():
     w_down = torch.tensor([[[1.0, 0.0]]])  # (1, H=1, d=2)
     token, weight = torch.arange(T), torch.ones(T)
     out, *saved = ext.forward(inp, token, weight, w_in, w_down, [T], 0)
-    dx = ext.backward(torch.tensor([[1.0, 0.0]]).expand(T, 2).contiguous(), token, weight, w_in, w_down, [T], 0,
-                      *saved)[0]
+    dx = ext.backward(torch.tensor([[1.0, 0.0]]).expand(T, 2).contiguous(), inp, token, weight, w_in, w_down, [T],
+                      0, *saved)[0]
     xr = x.clone().requires_grad_()
     torch.nn.functional.silu(xr).sum().backward()
     want = torch.nn.functional.silu(x)
@@ -216,11 +216,10 @@ def test_the_self_check_refuses_a_kernel_that_computes_wrong_numbers():
         @staticmethod
         def forward(x, token, weight, w_in, w_down, sizes, act):
             A, d = token.shape[0], x.shape[1]
-            return [torch.zeros_like(x), torch.zeros(A, d), torch.zeros(A, w_in.shape[2]),
-                    torch.zeros(A, w_down.shape[1]), torch.zeros(A, d)]
+            return [torch.zeros_like(x), torch.zeros(A, w_in.shape[2]), torch.zeros(A, d)]
 
         @staticmethod
-        def backward(g, token, weight, w_in, w_down, sizes, act, *saved):
+        def backward(g, x, token, weight, w_in, w_down, sizes, act, *saved):
             return [torch.zeros_like(g), torch.zeros(token.shape[0]), torch.zeros_like(w_in), torch.zeros_like(w_down)]
 
     with pytest.raises(RuntimeError, match="self-check"):

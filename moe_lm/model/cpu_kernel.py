@@ -6,17 +6,19 @@ float32 on a CPU (the source: csrc/experts_cpu.cpp); and the router's top-k on a
     # the signature and result of dispatch.ExpertsFFN: x (T, d) -> (T, d)
 
 What it does: the experts are shared out over torch's threads by a counter, and a thread runs all
-of its expert's work alone while the expert's rows sit in its cache: the gather of its rows, the
-gate/up product, the activation and the down product (the backward likewise); then the combine
-sums each token's rows, scaled by their gate weights, in their expert-sorted order, parallel over
-the tokens. The products go to oneDNN's brgemm micro-kernels (`at::native::cpublas::brgemm`, the
-AVX-512 or AVX2 kernels the CPU has); the element-wise work (SwiGLU, ReLU, the gate weights' dot
+of its expert's work alone, in its own scratch memory while the expert's rows sit in its cache: the
+gather of its rows, the gate/up product, the activation and the down product (the backward
+likewise, making the activation and the gathered rows again: only the gate/up outputs and the
+unscaled outputs are kept); then the combine sums each token's rows, scaled by their gate weights,
+in their expert-sorted order, parallel over the tokens. The products go to oneDNN's brgemm
+micro-kernels (`at::native::cpublas::brgemm`, the AVX-512 or AVX2 kernels the CPU has); the weight
+gradients sum into register tiles; the element-wise work (SwiGLU, ReLU, the gate weights' dot
 products, the combine) is C++ compiled for AVX-512, AVX2 + FMA and the base ISA, the CPU's best
 taken at load (GELU is ATen's). Every row is computed the same way wherever it falls, so the result
 does not depend on the thread count. Why: the Python fused path issues ~7 small operations per
 block of experts and direction, each a fork-join over every thread, and its small products run
 through MKL at AVX2 width on an AMD CPU; at the demo's shape (4,096 tokens, 32 SwiGLU experts of
-width 64, top-4) one layer's dispatch, forward and backward, went from 13-18 ms to ~5.5 ms
+width 64, top-4) one layer's dispatch, forward and backward, went from 13-18 ms to ~5 ms
 (docs/PERFORMANCE.md, "The experts in one C++ call").
 
 Where: `dispatch.choose_path` takes it on an x86 CPU with AVX2 or AVX-512 for experts below
@@ -257,7 +259,7 @@ def _self_check(ext) -> None:
     token = torch.randint(0, T, (18,), generator=g)
     weight = torch.rand(18, generator=g)
     out, *saved = ext.forward(x, token, weight, w_in, w_down, sizes, 0)
-    dx, dw, dwin, dwd = ext.backward(gy, token, weight, w_in, w_down, sizes, 0, *saved)
+    dx, dw, dwin, dwd = ext.backward(gy, x, token, weight, w_in, w_down, sizes, 0, *saved)
     X, G, w = x.double()[token], gy.double()[token], weight.double()[:, None]  # per assignment
     Wi, Wd = w_in.double()[expert], w_down.double()[expert]
     h = torch.einsum("ad,adw->aw", X, Wi)
@@ -355,24 +357,25 @@ class SoftmaxTopKFn(torch.autograd.Function):
 
 class KernelExpertsFFN(torch.autograd.Function):
     """dispatch.ExpertsFFN's function (same inputs: token_s, weight_s sorted by expert, sizes the
-    E row counts), run by the kernel. Saves the experts' rows of x, h, the activation, the
-    unscaled outputs y and (SwiGLU) silu(gate) for the backward: about what the fused path keeps."""
+    E row counts), run by the kernel. Saves x (the layer's input, alive anyway), the experts'
+    gate/up outputs h and their unscaled outputs y: the backward makes the rest again, so a layer
+    keeps about half of what the fused path keeps."""
 
     @staticmethod
     def forward(ctx, x, weight_s, w_in, w_down, token_s, sizes, activation):
         ext = load()
         x, w_in, w_down = x.contiguous(), w_in.contiguous(), w_down.contiguous()
         token_s, wf = token_s.contiguous(), weight_s.float().contiguous()
-        out, *saved = ext.forward(x, token_s, wf, w_in, w_down, list(sizes), ACTIVATIONS[activation])
+        out, h, y = ext.forward(x, token_s, wf, w_in, w_down, list(sizes), ACTIVATIONS[activation])
         ctx.sizes, ctx.act, ctx.weight_dtype = list(sizes), ACTIVATIONS[activation], weight_s.dtype
-        ctx.save_for_backward(token_s, wf, w_in, w_down, *saved)
+        ctx.save_for_backward(x, token_s, wf, w_in, w_down, h, y)
         return out
 
     @staticmethod
     @once_differentiable  # the kernel's backward is not itself differentiable
     def backward(ctx, g):
-        token_s, wf, w_in, w_down, *saved = ctx.saved_tensors
-        dx, dw, dwin, dwd = load().backward(g.contiguous(), token_s, wf, w_in, w_down, ctx.sizes, ctx.act, *saved)
+        x, token_s, wf, w_in, w_down, h, y = ctx.saved_tensors
+        dx, dw, dwin, dwd = load().backward(g.contiguous(), x, token_s, wf, w_in, w_down, ctx.sizes, ctx.act, h, y)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dw.to(ctx.weight_dtype) if need[1] else None,
                 dwin if need[2] else None, dwd if need[3] else None, None, None, None)

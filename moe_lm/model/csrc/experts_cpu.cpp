@@ -2,20 +2,21 @@
 // float32 on a CPU, one C++ call per direction and layer.
 //
 // Rows arrive sorted by expert (sizes[e] each). The experts are shared out over torch's threads by
-// a counter: a thread takes the next expert and runs all of its work alone, while its rows sit in
-// the cache (forward: the gather, the gate/up product, the activation, the down product; backward:
-// dL/d weight, d w_down, dL/d act, the activation's backward, d w_in and its rows of dL/dx), so a
-// direction is two fork-joins (the experts, then the combine), not one per small operation per
-// expert, and a thread that another program holds back just does fewer experts. The products go
-// to oneDNN's brgemm micro-kernels (at::native::cpublas::brgemm: the AVX-512 or AVX2 kernels this
-// CPU has) in blocks of MB rows, so whatever the routing, a layer uses a handful of kernel shapes
-// (each new shape is a ~40 us just-in-time build). Weight gradients sum KB rows per call, the rows
-// of A^T turned into a (P x KB) buffer (zero-padded in the last block) for the same reason. The
-// element-wise work (SwiGLU and ReLU and their backwards, the gate weights' dot products, the
-// combine) is compiled three times, for AVX-512, AVX2 + FMA and the base ISA, and the CPU's best is
-// taken at load; it works row by row, each row the same way wherever it is, and the combine sums
-// each token's rows in their expert-sorted order (parallel over the tokens): the result does not
-// depend on the number of threads.
+// a counter: a thread takes the next expert and runs all of its work alone, in its own scratch
+// memory while the expert's rows sit in its cache (forward: the gather, the gate/up product h, the
+// activation, the down product y; backward: dL/d weight, the activation again, d w_down, dL/d act,
+// the activation's backward, the gather again, d w_in and its rows of dL/dx), so a direction is two
+// fork-joins (the experts, then the combine), not one per small operation per expert, and a
+// thread that another program holds back just does fewer experts. Only h and y are kept for the
+// backward. The products go to oneDNN's brgemm micro-kernels (at::native::cpublas::brgemm: the
+// AVX-512 or AVX2 kernels this CPU has) in blocks of MB rows, so whatever the routing, a layer uses
+// a handful of kernel shapes (each new shape is a ~40 us just-in-time build). The weight gradients
+// A^T B sum the rows into register tiles (at_b), or for shapes that do not fit the tiles, brgemm on
+// A^T copied in blocks of KB rows. The element-wise work (SwiGLU and ReLU and their backwards, the
+// gate weights' dot products, the combine) and at_b are compiled three times, for AVX-512, AVX2 +
+// FMA and the base ISA, and the CPU's best is taken at load; each row is computed the same way
+// wherever it falls, and the combine sums each token's rows in their expert-sorted order (parallel
+// over the tokens): the result does not depend on the number of threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -70,30 +71,32 @@ ALWAYS_INLINE float exp_poly(float x) {
   return over ? __builtin_inff() : (under ? 0.f : e);
 }
 
-// SwiGLU on n rows of h = [gate | up] (n x 2H): sg = silu(gate) = gate / (1 + exp(-gate)),
-// a = sg * up (n x H each)
-ALWAYS_INLINE void swiglu_body(int64_t n, int64_t H, const float* h, float* a, float* sg) {
+// SwiGLU on n rows of h = [gate | up] (n x 2H): a = silu(gate) * up (n x H), silu(gate) =
+// gate / (1 + exp(-gate)); with sig (n x H) also sigmoid(gate) = 1 / (1 + exp(-gate)) there, for
+// the backward
+template <bool SIG>
+ALWAYS_INLINE void swiglu_body(int64_t n, int64_t H, const float* h, float* a, float* sig) {
   for (int64_t i = 0; i < n; i++) {
     const float *gate = h + i * 2 * H, *up = gate + H;
-    float *ai = a + i * H, *si = sg + i * H;
+    float *ai = a + i * H, *si = sig + i * H;
     for (int64_t j = 0; j < H; j++) {
-      const float x = gate[j], s = x / (1.f + exp_poly(-x));
-      si[j] = s;
-      ai[j] = s * up[j];
+      const float x = gate[j], e = exp_poly(-x);
+      ai[j] = x / (1.f + e) * up[j];
+      if (SIG) si[j] = 1.f / (1.f + e);
     }
   }
 }
 
-// its backward: dh = [d gate | d up] (n x 2H) from da (n x H): d up = da * silu(gate),
-// d gate = da * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate) (ATen's silu_backward)
-ALWAYS_INLINE void swiglu_backward_body(int64_t n, int64_t H, const float* h, const float* sg, const float* da,
+// its backward: dh = [d gate | d up] (n x 2H) from da (n x H) and sig = sigmoid(gate):
+// d up = da * gate * sig, d gate = da * up * sig * (1 + gate * (1 - sig)) (ATen's silu_backward)
+ALWAYS_INLINE void swiglu_backward_body(int64_t n, int64_t H, const float* h, const float* sig, const float* da,
                                         float* dh) {
   for (int64_t i = 0; i < n; i++) {
-    const float *gate = h + i * 2 * H, *up = gate + H, *si = sg + i * H, *dai = da + i * H;
+    const float *gate = h + i * 2 * H, *up = gate + H, *si = sig + i * H, *dai = da + i * H;
     float *dgate = dh + i * 2 * H, *dup = dgate + H;
     for (int64_t j = 0; j < H; j++) {
-      const float x = gate[j], s = 1.f / (1.f + exp_poly(-x));
-      dup[j] = dai[j] * si[j];
+      const float x = gate[j], s = si[j];
+      dup[j] = dai[j] * (x * s);
       dgate[j] = dai[j] * up[j] * (s * (1.f + x * (1.f - s)));
     }
   }
@@ -180,7 +183,7 @@ ALWAYS_INLINE void at_b_body(int64_t n, int64_t P, int64_t Q, const float* A, co
 }
 
 struct RowOps {
-  void (*swiglu)(int64_t, int64_t, const float*, float*, float*);
+  void (*swiglu)(int64_t, int64_t, const float*, float*, float*);  // sig null: not kept
   void (*swiglu_backward)(int64_t, int64_t, const float*, const float*, const float*, float*);
   void (*relu)(int64_t, const float*, float*);
   void (*relu_backward)(int64_t, const float*, const float*, float*);
@@ -192,9 +195,14 @@ struct RowOps {
 
 #define ROW_OPS(NS, TARGET, V, PB, NV)                                                                         \
   namespace NS {                                                                                            \
-  TARGET void swiglu(int64_t n, int64_t H, const float* h, float* a, float* sg) { swiglu_body(n, H, h, a, sg); } \
-  TARGET void swiglu_backward(int64_t n, int64_t H, const float* h, const float* sg, const float* da, float* dh) { \
-    swiglu_backward_body(n, H, h, sg, da, dh);                                                              \
+  TARGET void swiglu(int64_t n, int64_t H, const float* h, float* a, float* sig) {                          \
+    if (sig)                                                                                                \
+      swiglu_body<true>(n, H, h, a, sig);                                                                   \
+    else                                                                                                    \
+      swiglu_body<false>(n, H, h, a, sig);                                                                  \
+  }                                                                                                         \
+  TARGET void swiglu_backward(int64_t n, int64_t H, const float* h, const float* sig, const float* da, float* dh) { \
+    swiglu_backward_body(n, H, h, sig, da, dh);                                                             \
   }                                                                                                         \
   TARGET void relu(int64_t m, const float* h, float* a) { relu_body(m, h, a); }                              \
   TARGET void relu_backward(int64_t m, const float* h, const float* da, float* dh) { relu_backward_body(m, h, da, dh); } \
@@ -326,38 +334,45 @@ std::vector<int64_t> starts(const std::vector<int64_t>& sizes) {
   return s;
 }
 
-// a = activation(h) on rows [s, s + n) (one expert's); SwiGLU also keeps silu(gate) in sg for the
-// backward. GELU is ATen's, on this thread (inside the parallel region ATen does not split it).
-void activate_rows(int64_t s, int64_t n, const Tensor& h, const Tensor& a, const Tensor& sg, int64_t act,
-                   int64_t H) {
+// a view of n rows of w floats at p, for ATen's GELU
+Tensor rows_view(float* p, int64_t n, int64_t w) { return at::from_blob(p, {n, w}, at::TensorOptions().dtype(at::kFloat)); }
+
+// a (n x H) = activation(h) for one expert's n rows of h; SwiGLU also sigmoid(gate) into sig (n x H)
+// where sig is not null. GELU is ATen's, on this thread (inside the parallel region ATen does not
+// split it).
+void activate_rows(int64_t n, int64_t H, const float* h, float* a, float* sig, int64_t act) {
   if (n == 0) return;
   const RowOps& ops = row_ops();
-  if (act == SWIGLU)
-    ops.swiglu(n, H, h.data_ptr<float>() + s * 2 * H, a.data_ptr<float>() + s * H, sg.data_ptr<float>() + s * H);
-  else if (act == RELU)
-    ops.relu(n * H, h.data_ptr<float>() + s * H, a.data_ptr<float>() + s * H);
-  else
-  {
-    Tensor out = a.narrow(0, s, n);
-    at::gelu_out(out, h.narrow(0, s, n));
+  if (act == SWIGLU) {
+    ops.swiglu(n, H, h, a, sig);
+  } else if (act == RELU) {
+    ops.relu(n * H, h, a);
+  } else {
+    Tensor out = rows_view(a, n, H);
+    at::gelu_out(out, rows_view(const_cast<float*>(h), n, H));
   }
 }
 
-// dh = dL/dh from da = dL/d act, on rows [s, s + n)
-void activate_backward_rows(int64_t s, int64_t n, const Tensor& h, const Tensor& sg, const Tensor& da,
-                            const Tensor& dh, int64_t act, int64_t H) {
+// dh (n x W) = dL/dh from da = dL/d act (n x H), for one expert's rows; SwiGLU reads sig
+void activate_backward_rows(int64_t n, int64_t H, const float* h, const float* sig, const float* da, float* dh,
+                            int64_t act) {
   if (n == 0) return;
   const RowOps& ops = row_ops();
-  if (act == SWIGLU)
-    ops.swiglu_backward(n, H, h.data_ptr<float>() + s * 2 * H, sg.data_ptr<float>() + s * H,
-                        da.data_ptr<float>() + s * H, dh.data_ptr<float>() + s * 2 * H);
-  else if (act == RELU)
-    ops.relu_backward(n * H, h.data_ptr<float>() + s * H, da.data_ptr<float>() + s * H, dh.data_ptr<float>() + s * H);
-  else
-  {
-    Tensor out = dh.narrow(0, s, n);
-    at::gelu_backward_out(out, da.narrow(0, s, n), h.narrow(0, s, n));
+  if (act == SWIGLU) {
+    ops.swiglu_backward(n, H, h, sig, da, dh);
+  } else if (act == RELU) {
+    ops.relu_backward(n * H, h, da, dh);
+  } else {
+    Tensor out = rows_view(dh, n, H);
+    at::gelu_backward_out(out, rows_view(const_cast<float*>(da), n, H), rows_view(const_cast<float*>(h), n, H));
   }
+}
+
+// this thread's scratch of at least n floats (kept between calls: OpenMP's threads live on)
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 // the shapes, dtypes and layouts both directions rely on, and every row's token in [0, T)
@@ -387,10 +402,11 @@ void check_inputs(int64_t T, int64_t d, const Tensor& token_s, const Tensor& wei
 }  // namespace
 
 // x (T, d); token_s (A,) int64 and weight_s (A,) sorted by expert; w_in (E, d, W); w_down (E, H, d);
-// all float32 and contiguous. -> out (T, d), then what the backward needs: x's rows (A, d),
-// h (A, W), act (A, H), y (A, d) (unscaled), silu(gate) (A, H) (SwiGLU; else empty).
-// Per expert: the gather, the gate/up product, the activation, the down product; then the combine
-// (the scaling by the gate weights in it).
+// all float32 and contiguous. -> out (T, d), then what the backward needs besides x: h (A, W) and
+// y (A, d) (unscaled). Per expert, in this thread's scratch: the gather of its rows of x, h = the
+// gate/up product, the activation, y = the down product; then the combine (the scaling by the
+// gate weights in it). Only h and y are kept: the rest is remade in the backward, so a layer's
+// forward writes ~12 MB instead of ~24 at the demo's shape, and each expert's work stays in cache.
 std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
                             std::vector<int64_t> sizes, int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x (T, d): contiguous float32");
@@ -398,56 +414,63 @@ std::vector<Tensor> forward(Tensor x, Tensor token_s, Tensor weight_s, Tensor w_
   const int64_t E = sizes.size(), d = x.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
   const auto start = starts(sizes);
   const auto opt = x.options();
-  Tensor xs = at::empty({A, d}, opt), h = at::empty({A, W}, opt), a = at::empty({A, H}, opt),
-         y = at::empty({A, d}, opt), sg = at::empty({act == SWIGLU ? A : 0, H}, opt);
+  Tensor h = at::empty({A, W}, opt), y = at::empty({A, d}, opt);
   const float *xp = x.data_ptr<float>(), *win = w_in.data_ptr<float>(), *wd = w_down.data_ptr<float>();
   const int64_t* tok = token_s.data_ptr<int64_t>();
-  float *xsp = xs.data_ptr<float>(), *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>(), *yp = y.data_ptr<float>();
+  float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>();
   each_expert(E, [&](int64_t e) {
     const int64_t s = start[e], n = sizes[e];
-    for (int64_t i = s; i < s + n; i++) std::memcpy(xsp + i * d, xp + tok[i] * d, sizeof(float) * d);
-    mm_rows(n, W, d, xsp + s * d, d, win + e * d * W, W, hp + s * W, W);
-    activate_rows(s, n, h, a, sg, act, H);
-    mm_rows(n, d, H, ap + s * H, H, wd + e * H * d, d, yp + s * d, d);
+    float* xs = scratch(n * (d + H));  // this expert's rows of x, then of the activation
+    float* a = xs + n * d;
+    for (int64_t i = 0; i < n; i++) std::memcpy(xs + i * d, xp + tok[s + i] * d, sizeof(float) * d);
+    mm_rows(n, W, d, xs, d, win + e * d * W, W, hp + s * W, W);
+    activate_rows(n, H, hp + s * W, a, nullptr, act);
+    mm_rows(n, d, H, a, H, wd + e * H * d, d, yp + s * d, d);
   });
-  return {combine(y, weight_s.data_ptr<float>(), token_s, x.size(0)), xs, h, a, y, sg};
+  return {combine(y, weight_s.data_ptr<float>(), token_s, x.size(0)), h, y};
 }
 
-// g (T, d): dL/d out. -> dx (T, d), d weight_s (A,), d w_in (E, d, W), d w_down (E, H, d)
-// Per expert: dL/d weight and dL/dy, d w_down, dL/d act, the activation's backward, d w_in and the
-// rows of dL/dx; then the combine.
-std::vector<Tensor> backward(Tensor g, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
-                             std::vector<int64_t> sizes, int64_t act, Tensor xs, Tensor h, Tensor a, Tensor y,
-                             Tensor sg) {
+// g (T, d): dL/d out; x and the forward's h, y. -> dx (T, d), d weight_s (A,), d w_in (E, d, W),
+// d w_down (E, H, d). Per expert, in this thread's scratch: dL/dy = weight * g and dL/d weight =
+// <g, y>; the activation again (and SwiGLU's sigmoid); d w_down; dL/d act; the activation's
+// backward; the rows of x again; d w_in and the rows of dL/dx. Then the combine.
+std::vector<Tensor> backward(Tensor g, Tensor x, Tensor token_s, Tensor weight_s, Tensor w_in, Tensor w_down,
+                             std::vector<int64_t> sizes, int64_t act, Tensor h, Tensor y) {
   TORCH_CHECK(g.dim() == 2 && g.scalar_type() == at::kFloat && g.is_contiguous(), "g (T, d): contiguous float32");
+  TORCH_CHECK(x.sizes() == g.sizes() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x (T, d): contiguous float32, g's shape");
   check_inputs(g.size(0), g.size(1), token_s, weight_s, w_in, w_down, sizes, act);
   const int64_t E = sizes.size(), d = g.size(1), W = w_in.size(2), H = w_down.size(1), A = token_s.size(0);
-  TORCH_CHECK(xs.size(0) == A && h.size(0) == A && a.size(0) == A && y.size(0) == A &&
-              sg.size(0) == (act == SWIGLU ? A : 0), "the saved tensors are not this call's");
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == A && h.size(1) == W && y.dim() == 2 && y.size(0) == A && y.size(1) == d &&
+              h.is_contiguous() && y.is_contiguous(), "the saved tensors are not this call's");
   const auto start = starts(sizes);
   const auto opt = g.options();
-  Tensor dw = at::empty({A}, opt), dwin = at::empty_like(w_in), dwd = at::empty_like(w_down),
-         dxs = at::empty({A, d}, opt), gbs = at::empty({A, d}, opt), das = at::empty({A, H}, opt),
-         dhs = at::empty({A, W}, opt);
+  Tensor dw = at::empty({A}, opt), dwin = at::empty_like(w_in), dwd = at::empty_like(w_down), dxs = at::empty({A, d}, opt);
   Tensor wd_t = w_down.transpose(1, 2).contiguous(), win_t = w_in.transpose(1, 2).contiguous();  // (E, d, H), (E, W, d)
-  const float *gp = g.data_ptr<float>(), *wdt = wd_t.data_ptr<float>(), *wint = win_t.data_ptr<float>(),
-              *wt = weight_s.data_ptr<float>(), *xsp = xs.data_ptr<float>(), *ap = a.data_ptr<float>(),
+  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>(), *wdt = wd_t.data_ptr<float>(),
+              *wint = win_t.data_ptr<float>(), *wt = weight_s.data_ptr<float>(), *hp = h.data_ptr<float>(),
               *yp = y.data_ptr<float>();
   const int64_t* tok = token_s.data_ptr<int64_t>();
   float *dwp = dw.data_ptr<float>(), *dwinp = dwin.data_ptr<float>(), *dwdp = dwd.data_ptr<float>(),
-        *dxp = dxs.data_ptr<float>(), *gbp = gbs.data_ptr<float>(), *dap = das.data_ptr<float>(),
-        *dhp = dhs.data_ptr<float>();
+        *dxp = dxs.data_ptr<float>();
   const RowOps& ops = row_ops();
   each_expert(E, [&](int64_t e) {
     const int64_t s = start[e], n = sizes[e];
     std::vector<float> at_buf, bt_buf;
-    float* gb = gbp + s * d;  // dL/dy = weight * g, this expert's rows
-    ops.grad_rows(n, d, tok + s, gp, yp + s * d, wt + s, gb, dwp + s);     // and dL/d weight = <g, y>
-    weight_grad(n, H, d, ap + s * H, gb, dwdp + e * H * d, at_buf, bt_buf);  // act^T dL/dy
-    mm_rows(n, H, d, gb, d, wdt + e * d * H, H, dap + s * H, H);          // dL/d act = dL/dy w_down[e]^T
-    activate_backward_rows(s, n, h, sg, das, dhs, act, H);
-    weight_grad(n, d, W, xsp + s * d, dhp + s * W, dwinp + e * d * W, at_buf, bt_buf);  // x^T dL/dh
-    mm_rows(n, d, W, dhp + s * W, W, wint + e * W * d, d, dxp + s * d, d);           // dL/dh w_in[e]^T
+    float* gb = scratch(n * (d + 2 * H + W));  // dL/dy, then the rows of x
+    float* a = gb + n * d;                       // the activation, then dL/d act
+    float* sig = a + n * H;                      // SwiGLU: sigmoid(gate)
+    float* dh = sig + n * H;                     // dL/dh
+    const float* he = hp + s * W;
+    ops.grad_rows(n, d, tok + s, gp, yp + s * d, wt + s, gb, dwp + s);     // dL/dy, dL/d weight = <g, y>
+    activate_rows(n, H, he, a, act == SWIGLU ? sig : nullptr, act);
+    weight_grad(n, H, d, a, gb, dwdp + e * H * d, at_buf, bt_buf);        // act^T dL/dy
+    mm_rows(n, H, d, gb, d, wdt + e * d * H, H, a, H);                     // dL/d act = dL/dy w_down[e]^T
+    activate_backward_rows(n, H, he, sig, a, dh, act);
+    float* xs = gb;
+    for (int64_t i = 0; i < n; i++) std::memcpy(xs + i * d, xp + tok[s + i] * d, sizeof(float) * d);
+    weight_grad(n, d, W, xs, dh, dwinp + e * d * W, at_buf, bt_buf);      // x^T dL/dh
+    mm_rows(n, d, W, dh, W, wint + e * W * d, d, dxp + s * d, d);          // dL/dh w_in[e]^T
   });
   return {combine(dxs, nullptr, token_s, g.size(0)), dw, dwin, dwd};
 }
