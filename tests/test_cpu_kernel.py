@@ -333,3 +333,16 @@ def test_where_router_scores_tie_the_python_lines_decide():
     r = router(x, torch.arange(64))
     assert r.lse is None
     assert torch.equal(r.expert.view(64, 2)[:, 0], torch.arange(64) % 8)  # expert pos mod E first
+
+
+@needs_compiler
+def test_the_kernels_entropy_and_logsumexp_hold_for_large_logits():
+    """lse and the entropy from large logits (near-cancelling terms) against float64 formulas."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, 32, generator=g) * 30 + 500
+    fused = cpu_kernel.softmax_topk(logits, 4, True)
+    assert fused is not None
+    p = logits.double().softmax(-1)
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    torch.testing.assert_close(fused[5].double(), entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused[4].double(), torch.logsumexp(logits.double(), -1), rtol=1e-6, atol=0)

@@ -42,7 +42,10 @@ class Routing:
     the expert's output). score: (A,) float32, detached - the router's score of the assignment
     (capacity limits do not rank by it: they keep the earliest positions, moe.capacity_keep). logits: (T, E) float32 clean router logits (z-loss).
     probs: (T, E) float32, rows summing to 1 (Switch f·P loss, entropy). noisy_logits and
-    noise_std: (T, E), only from noisy_topk (Shazeer's smooth load estimator).
+    noise_std: (T, E), only from noisy_topk (Shazeer's smooth load estimator). lse: (T,)
+    float32, differentiable, logsumexp(logits) (the z-loss's), and entropy: () detached, the mean
+    over tokens of -sum p log p (the layer's statistic): where the router made them on the way
+    (softmax_topk and switch through the CPU kernel), else None and the losses compute them.
     """
 
     token: torch.Tensor

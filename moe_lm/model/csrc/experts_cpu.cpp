@@ -44,9 +44,11 @@ enum Act : int64_t { SWIGLU = 0, RELU = 1, GELU = 2 };
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 // exp(x) by Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, times
-// 2^n built in the exponent bits (relative error ~1e-7); +inf above 88 and 0 below -87 (where
-// float32's exp overflows, and leaves the normal numbers), NaN for NaN. Selects, no branches, so
-// the compiler vectorises the loops that call it (with -fno-trapping-math).
+// 2^n built in the exponent bits (relative error ~1e-7); +inf above 88 and 0 below -87 (just
+// inside where float32's exp overflows, 88.72, and leaves the normal numbers, -87.34: so 2^n stays
+// a normal float; silu(x) for x in (-88.72, -88) is then -0 where torch gives ~-1e-37), NaN for
+// NaN. Selects, no branches, so the compiler vectorises the loops that call it (with
+// -fno-trapping-math).
 ALWAYS_INLINE float exp_poly(float x) {
   const bool over = x > 88.f, under = x < -87.f;
   x = over ? 88.f : x;
@@ -476,7 +478,8 @@ std::vector<Tensor> backward(Tensor g, Tensor x, Tensor token_s, Tensor weight_s
 }
 
 // The element-wise variants this CPU runs, best first; with a name, use that one from now on (for
-// tests: each variant against the reference on one machine). "" = the best.
+// tests: each variant against the reference on one machine; not while a forward or backward runs,
+// which would mix variants). "" = the best.
 std::vector<std::string> variants(std::string use) {
   std::vector<std::string> names;
   const RowOps* pick = nullptr;
