@@ -175,7 +175,7 @@ def test_meta_records_counts_dtype_and_the_sha256_of_each_file(tiny_data_dir):
         assert info == {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
     for split, info in meta["splits"].items():
         assert info["tokens"] * 2 == (tiny_data_dir / f"{split}.bin").stat().st_size
-    assert meta["split"]["val_fraction"] == 0.15 and meta["split"]["test_fraction"] == 0.05
+    assert meta["split"]["val_fraction"] == 0.03 and meta["split"]["test_fraction"] == 0.05  # conftest's
 
 
 def test_hf_dataset_folder_uses_its_own_validation_split(tmp_path):
