@@ -246,7 +246,7 @@ std::vector<std::pair<std::string, const RowOps*>> runnable_variants() {
 
 std::atomic<const RowOps*> chosen_ops{nullptr};
 
-// the variant in use: the CPU's best, unless use_variant chose another
+// the variant in use: the CPU's best, unless variants() chose another
 const RowOps& row_ops() {
   const RowOps* ops = chosen_ops.load(std::memory_order_relaxed);
   if (!ops) {
