@@ -30,8 +30,8 @@ reference, outputs and gradients):
   everywhere the path for unbalanced routing.
 - "cpu_kernel": the fused path's function as one C++ call per direction (model/cpu_kernel.py,
   csrc/experts_cpu.cpp), float32 on an x86 CPU where it builds: the experts shared out over the
-  threads, their products in oneDNN's brgemm micro-kernels, each token's rows summed in order
-  (index_add's arithmetic). The CPU's path for experts below THREADS_MIN_MACS (the demo's); asked
+  threads, their products in oneDNN's brgemm micro-kernels, each token's rows scaled and summed in
+  their expert-sorted order (index_add's order). The CPU's path for experts below THREADS_MIN_MACS (the demo's); asked
   for where it cannot run, it runs "fused".
 - "padded": a custom autograd Function (`PaddedFFN`) that copies every expert's rows into one
   (E, C, d) buffer, C = the largest expert's rows, zero elsewhere; each matmul is then ONE bmm

@@ -128,7 +128,7 @@ def _softmax_topk(logits: torch.Tensor, k: int, renorm: bool, pos: Optional[torc
     sum when renorm. On a CPU the kernel does all of it after the product in one pass per row
     (cpu_kernel.softmax_topk: the same function, and logsumexp and entropy on the way) where no
     row ties; otherwise these lines."""
-    fused = cpu_kernel.softmax_topk(logits, k, renorm) if logits.device.type == "cpu" else None
+    fused = cpu_kernel.softmax_topk(logits, k, renorm)  # None off a CPU (cpu_kernel.applies)
     if fused is not None:
         probs, top_idx, top_p, weight, lse, ent = fused
         token, expert, weight, score = _token_major(top_idx, weight, top_p)
